@@ -1,0 +1,3 @@
+from airun.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""The only place that builds tensors, owns the KV cache and calls the model and the sampler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+
+import torch
+
+from airun.engine.scheduler import ScheduledSeq, SchedulerOutput
+from airun.engine.sequence import Sequence
+from airun.layers.attention import AttentionMetadata
+from airun.layers.sampler import Sampler, build_sampling_batch
+from airun.model.llama import CausalLM
+
+
+def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
+    cfg = model.config
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
+
+
+class ModelRunner:
+    """Runs one scheduled step: builds the flat batch (decode tokens first, then prefill chunks), runs the model,
+    samples one token for every sequence whose known tokens are all computed after this step.
+
+    Invariant: ``k_caches[i]`` / ``v_caches[i]`` have shape ``[num_blocks, block_size, kv_heads, head_dim]`` and are the
+    tensors bound to layer i's attention module.
+    """
+
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        cfg = model.config
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        for layer, k, v in zip(model.model.layers, self.k_caches, self.v_caches):
+            layer.self_attn.k_cache = k
+            layer.self_attn.v_cache = v
+        self.sampler = Sampler()
+        self.fault_hook = None  # a test-only callable run before each model step (fault injection)
+
+    def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
+        bs, table = self.block_size, seq.block_table
+        return [table[p // bs] * bs + p % bs for p in range(start, start + n)]
+
+    def _block_tables(self, seqs: Seq[Sequence], num_blocks: int) -> torch.Tensor:
+        rows = [s.block_table[:num_blocks] + [0] * (num_blocks - len(s.block_table[:num_blocks])) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int64, device=self.device)
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
+        """Returns input ids, positions, attention metadata and, per scheduled seq (in batch order), the flat index of
+        its last token."""
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        last: list[int] = []
+        decode = [s for s in scheduled if s.num_new_tokens == 1]
+        prefill = [s for s in scheduled if s.num_new_tokens > 1]
+        for s in decode + prefill:
+            start = s.seq.num_computed_tokens
+            n = s.num_new_tokens
+            ids.extend(s.seq.token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+            slots.extend(self._slots(s.seq, start, n))
+            last.append(len(ids) - 1)
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode=len(decode),
+            decode_block_tables=None,
+            decode_mask=None,
+            num_prefill_tokens=len(ids) - len(decode),
+            prefill_block_tables=None,
+            prefill_mask=None,
+            prefill_pad_index=None,
+        )
+        if decode:
+            ctx = torch.tensor([s.seq.num_computed_tokens + 1 for s in decode], dtype=torch.int64, device=dev)
+            max_ctx = int(max(s.seq.num_computed_tokens + 1 for s in decode))
+            nb = (max_ctx + bs - 1) // bs
+            meta.decode_block_tables = self._block_tables([s.seq for s in decode], nb)
+            meta.decode_mask = (torch.arange(max_ctx, device=dev)[None, :] < ctx[:, None]).view(len(decode), 1, 1, -1)
+        if prefill:
+            mq = max(s.num_new_tokens for s in prefill)
+            ends = [s.seq.num_computed_tokens + s.num_new_tokens for s in prefill]
+            max_ctx = max(ends)
+            nb = (max_ctx + bs - 1) // bs
+            meta.prefill_block_tables = self._block_tables([s.seq for s in prefill], nb)
+            starts = torch.tensor([s.seq.num_computed_tokens for s in prefill], dtype=torch.int64, device=dev)
+            qpos = starts[:, None] + torch.arange(mq, device=dev)[None, :]  # [P, mq] absolute query positions
+            meta.prefill_mask = (torch.arange(max_ctx, device=dev)[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+            meta.prefill_num_seqs = len(prefill)
+            meta.prefill_max_q = mq
+            pad = [b * mq + i for b, s in enumerate(prefill) for i in range(s.num_new_tokens)]
+            meta.prefill_pad_index = torch.tensor(pad, dtype=torch.int64, device=dev)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
+        positions = torch.tensor(pos, dtype=torch.int64, device=dev)
+        return input_ids, positions, meta, last
+
+    @torch.inference_mode()
+    def forward_logits(self, output: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
+        """Runs the model; returns the scheduled seqs that sample this step and their logits [N, vocab] (float32)."""
+        if self.fault_hook is not None:
+            self.fault_hook()
+        decode = [s for s in output.scheduled if s.num_new_tokens == 1]
+        prefill = [s for s in output.scheduled if s.num_new_tokens > 1]
+        ordered = decode + prefill
+        input_ids, positions, meta, last = self.prepare(output.scheduled)
+        hidden = self.model(input_ids, positions, meta)
+        sampling = [
+            (s, i) for s, i in zip(ordered, last) if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens
+        ]
+        if not sampling:
+            return [], hidden.new_empty((0, self.model.config.vocab_size), dtype=torch.float32)
+        idx = torch.tensor([i for _, i in sampling], dtype=torch.int64, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        return [s for s, _ in sampling], logits
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> list[tuple[Sequence, int]]:
+        """Runs the step and samples; returns (sequence, new token id) for each sequence that samples."""
+        sampled, logits = self.forward_logits(output)
+        if not sampled:
+            return []
+        seqs = [s.seq for s in sampled]
+        batch = build_sampling_batch(seqs, logits.shape[-1], self.device)
+        tokens = self.sampler(logits, batch).tolist()
+        return list(zip(seqs, tokens))

@@ -1,0 +1,191 @@
+"""The Mistral / Llama decoder: RMSNorm, rotary embeddings, grouped-query paged attention, SwiGLU MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from airun.layers.attention import AttentionMetadata, paged_attention
+from airun.layers.rotary import RotaryEmbedding
+from airun.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # Match transformers: normalize in float32, scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """q/k/v are one fused projection (``qkv_proj``), loaded from the checkpoint's separate q/k/v weights."""
+
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.rotary = rotary
+        self.scale = self.head_dim**-0.5
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        t = x.shape[0]
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# Checkpoint projections that land in a slice of a fused parameter: name -> (fused name, shard index).
+_FUSED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class CausalLM(nn.Module):
+    """A Mistral/Llama causal LM over a flat batch of tokens with a paged KV cache.
+
+    Parameter names follow Hugging Face's, except that q/k/v and gate/up are fused (``qkv_proj``, ``gate_up_proj``).
+    With tied embeddings ``lm_head.weight`` is the embedding matrix.
+    """
+
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, max_positions)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(positions, x, meta)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def _shard_slice(self, fused: str, index: int) -> tuple[int, int]:
+        cfg = self.config
+        if fused == "qkv_proj":
+            q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+            return [(0, q), (q, kv), (q + kv, kv)][index]
+        inter = cfg.intermediate_size
+        return (index * inter, inter)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors (HF names) into the parameters; raises if any parameter is left unset."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        unset = set(dict(self.named_parameters()).keys())
+        shards_seen: dict[str, set[int]] = {}
+        for name, tensor in weights:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            parts = name.rsplit(".", 2)
+            target, rows = name, None
+            if len(parts) == 3 and parts[1] in _FUSED:
+                fused, idx = _FUSED[parts[1]]
+                target = f"{parts[0]}.{fused}.{parts[2]}"
+                rows = self._shard_slice(fused, idx)
+            param = params.get(target)
+            idx = _FUSED[parts[1]][1] if rows is not None else -1
+            if param is None:
+                raise KeyError(f"checkpoint tensor {name} has no place in the model")
+            dst = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
+            if tuple(dst.shape) != tuple(tensor.shape):
+                raise ValueError(f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, model {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            seen = shards_seen.setdefault(target, set())
+            seen.add(idx)
+            if rows is None or len(seen) == (3 if target.endswith("qkv_proj.weight") else 2):
+                unset.discard(target)
+        missing = sorted(unset)
+        if missing:
+            raise KeyError(f"checkpoint is missing tensors: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+
+
+def build_model(
+    cfg: ModelConfig,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+) -> CausalLM:
+    """Builds the module on ``meta``, allocates each parameter once on ``device`` in ``dtype``, then copies the
+    checkpoint tensors in one at a time: peak memory is the model plus one checkpoint tensor."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = CausalLM(cfg, max_positions)
+    finally:
+        torch.set_default_dtype(prev)
+    model.to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty() materializes each module's parameters separately: tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    for layer in model.model.layers[:1]:
+        layer.self_attn.rotary.reset()
+    model.load_weights(weights)
+    return model.eval().requires_grad_(False)
