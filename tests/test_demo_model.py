@@ -10,10 +10,10 @@ import torch
 from tests.engine_helpers import greedy, make_engine, run_all
 
 QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in two sentences why the sky is blue.",
-    "List three prime numbers greater than 10.",
+    "I am planning a trip to Europe next spring and I would like to visit its great capitals. What is the capital of France?",
+    "Write a short haiku about the sea at night, with the moon shining on the waves and a small boat far away.",
+    "My daughter asked me a question I could not answer. Explain in two simple sentences why the sky is blue during the day.",
+    "For a math exercise in school, list three prime numbers greater than 10 and explain briefly how you checked each one.",
 ]
 
 

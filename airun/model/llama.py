@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,9 @@ from torch import nn
 from airun.layers.attention import AttentionMetadata, paged_attention
 from airun.layers.rotary import RotaryEmbedding
 from airun.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from airun.model.quantize import QuantPlan
 
 
 class RMSNorm(nn.Module):
@@ -31,7 +35,7 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """q/k/v are one fused projection (``qkv_proj``), loaded from the checkpoint's separate q/k/v weights."""
 
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -40,19 +44,19 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.rotary = rotary
         self.scale = self.head_dim**-0.5
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = x.shape[0]
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q = RotaryEmbedding.apply(q, *rope)
+        k = RotaryEmbedding.apply(k, *rope)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o)
 
@@ -70,15 +74,15 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), meta)
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -86,8 +90,8 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_hidden_layers))
+        self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -118,8 +122,9 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary.lookup(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(positions, x, meta)
+            x = layer(rope, x, meta)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -172,9 +177,12 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
+    quant: QuantPlan | None = None,
 ) -> CausalLM:
     """Builds the module on ``meta``, allocates each parameter once on ``device`` in ``dtype``, then copies the
-    checkpoint tensors in one at a time: peak memory is the model plus one checkpoint tensor."""
+    checkpoint tensors in one at a time: peak memory is the model plus one checkpoint tensor. With ``quant``, the
+    planned linears are swapped for quantized ones before allocation and their tensors are quantized as they stream
+    in (see :mod:`airun.model.quantize`), so no full-precision copy of them is ever held."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -182,10 +190,17 @@ def build_model(
             model = CausalLM(cfg, max_positions)
     finally:
         torch.set_default_dtype(prev)
+    loader = None
+    if quant is not None:
+        from airun.model.quantize import QuantLoader
+
+        loader = QuantLoader(model, quant, device)
+        weights = loader.intercept(weights)
     model.to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty() materializes each module's parameters separately: tie them again
+    if cfg.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # to_empty() unties: tie them again
         model.lm_head.weight = model.model.embed_tokens.weight
-    for layer in model.model.layers[:1]:
-        layer.self_attn.rotary.reset()
+    model.model.rotary.reset()
     model.load_weights(weights)
+    if loader is not None:
+        loader.finish()
     return model.eval().requires_grad_(False)
