@@ -15,8 +15,9 @@ What is held back:
 
 Invariants: ``text == "".join(every piece returned so far)``; after ``flush()``,
 ``text == tokenizer.decode(token_ids, skip_special_tokens)`` for the SentencePiece (Replace/ByteFallback/Fuse/Strip or
-Metaspace) and byte-level decoders. ``ids[prefix]`` is a token that decodes to text (a skipped special token decodes
-to nothing and cannot carry the leading-space strip), or ``prefix == 0``. Each call decodes only the window: the
+Metaspace) and byte-level decoders. The window ``[prefix, read)`` holds a token that decodes to text, or
+``prefix == 0``: a skipped special token (or an id outside the vocabulary) decodes to nothing and cannot carry the
+leading-space strip. Each call decodes only the window: the
 tokens since the last emitted one that decodes to text, plus any held-back run.
 """
 
@@ -66,7 +67,8 @@ class IncrementalDetokenizer:
         return piece
 
     def _is_skipped(self, token_id: int) -> bool:
-        return self._skip and token_id in self._tok.special_token_ids
+        """Whether decoding drops the token: a special token when skipping them, or an id outside the vocabulary."""
+        return (self._skip and token_id in self._tok.special_token_ids) or not 0 <= token_id < self._tok.vocab_size
 
     def _decodes_to_text(self, start: int, stop: int) -> bool:
         return any(not self._is_skipped(t) for t in self.token_ids[start:stop])
