@@ -36,3 +36,30 @@ class EngineDeadError(AirunError):
 
 class RequestAbortedError(AirunError):
     """A request failed inside the engine (a model-step exception) and was ended."""
+
+
+class LoRANotSupportedError(InvalidRequestError):
+    """A request named an adapter (``lora``) but the model is served without LoRA support. Workers AI code 5005."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"The model {model} does not support LoRa inference")
+
+
+class FinetuneNotFoundError(InvalidRequestError):
+    """No fine-tune (or ``--lora`` adapter) has this name or id. Workers AI code 3037."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"Finetune {name} not found")
+
+
+class FinetuneMissingFilesError(InvalidRequestError):
+    """The fine-tune lacks ``adapter_config.json`` or ``adapter_model.safetensors``. Workers AI code 3039."""
+
+    def __init__(self) -> None:
+        super().__init__("Finetune is missing required files (adapter_model.safetensors and adapter_config.json)")
+
+
+class InvalidAdapterError(InvalidRequestError):
+    """A LoRA adapter (or an uploaded asset) is malformed or does not fit the served model; the message says why."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,12 @@ class EngineArgs:
     revision: str | None = None
     cache_dir: str | None = None
     show_progress: bool | None = None  # None: when stderr is a terminal
+    quantize: str | None = None  # int8 | int4 | none; None: a GGUF in a 16-bit dtype keeps its quantized weights
+    enable_lora: bool = False  # serve LoRA adapters (requests with `lora`); False: such requests are refused (5005)
+    max_loras: int = 8  # adapters resident at once (slots of the stacked LoRA weights); also caps adapters per step
+    max_lora_rank: int = 32  # largest adapter rank accepted
+    lora_modules: dict[str, str] = field(default_factory=dict)  # adapter name -> PEFT folder (--lora NAME=PATH)
+    data_dir: str | None = None  # fine-tune registry root; None: $AIRUN_DATA_DIR or ~/.local/share/airun
 
     def resolve_device(self) -> torch.device:
         if self.device == "auto":

@@ -35,6 +35,7 @@ class AsyncEngine:
         self.max_model_len = engine.max_model_len
         self.is_dead = False
         self.dead_reason: str | None = None
+        self.exit_on_error = False  # True: a model-step fault ends the loop (is_dead) instead of being survived
         self._commands: queue.Queue[Any] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,6 +128,9 @@ class AsyncEngine:
                     except Exception as exc:  # a fault in one batch: fail its requests, reset the KV state, go on
                         log.error("model step failed: %s\n%s", exc, traceback.format_exc())
                         outputs = engine.fail_all(f"{type(exc).__name__}: {exc}")
+                        if self.exit_on_error:  # the operator wants a restart: fail them, then die
+                            self._deliver(outputs)
+                            raise
                     self._deliver(outputs)
                 self._stats = engine.stats()
         except BaseException as exc:  # the loop itself broke: nothing can be served any more
@@ -146,7 +150,9 @@ class AsyncEngine:
             except Exception as exc:
                 self._post(rid, exc)
         elif kind == "abort":
-            self.engine.abort_request(cmd[1])
+            final = self.engine.abort_request(cmd[1])
+            if final is not None:
+                self._deliver([final])
         elif kind == "call":  # run a function on the engine thread (tests, adapters)
             _, fn, fut = cmd
             try:

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,14 +22,18 @@ from airun.engine.model_runner import ModelRunner, kv_bytes_per_block
 from airun.engine.outputs import EngineStats, RequestOutput
 from airun.engine.scheduler import Scheduler
 from airun.engine.sequence import FinishReason, Sequence
-from airun.errors import ContextLengthError, InvalidRequestError
+from airun.errors import ContextLengthError, InvalidRequestError, LoRANotSupportedError
 from airun.loader.source import ModelSource, iter_weights, load_model_config, resolve_source
 from airun.model.config import ModelConfig
 from airun.model.llama import build_model
+from airun.model.quantize import resolve_quant_plan
 from airun.sampling_params import SamplingParams
 from airun.text.detokenizer import IncrementalDetokenizer
 from airun.text.gguf_tokenizer import load_tokenizer_from_gguf
 from airun.text.tokenizer import Tokenizer, load_tokenizer_from_folder
+
+if TYPE_CHECKING:
+    from airun.lora import AdapterResolver, LoRAAdapter, LoRAManager
 
 log = logging.getLogger("airun.engine")
 
@@ -43,6 +48,8 @@ class _Request:
     num_sent_tokens: int = 0
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None
+    lora: LoRAAdapter | None = None  # the request's adapter: holding it keeps its host copy alive until the request ends
 
 
 class LLMEngine:
@@ -70,9 +77,13 @@ class LLMEngine:
             what = "sliding window" if cfg.sliding_window and cfg.sliding_window < cfg.max_position_embeddings else "context"
             raise InvalidRequestError(f"max_model_len {args.max_model_len} exceeds the model's {what} of {limit} tokens")
         show = sys.stderr.isatty() if args.show_progress is None else args.show_progress
-        self.model = build_model(
-            cfg, iter_weights(self.source, cfg, show_progress=show), self.dtype, self.device, self.max_model_len
-        )
+        plan = self.quant_plan = resolve_quant_plan(args.quantize, self.source, cfg, self.dtype)
+        native = plan is not None and plan.native_gguf
+        weights = iter_weights(self.source, cfg, show_progress=show, native_quant=native)
+        self.model = build_model(cfg, weights, self.dtype, self.device, self.max_model_len, quant=plan)
+        if plan is not None:
+            log.info("weights: %s", plan.summary())
+        self.lora, self.lora_resolver = self._init_lora(args, cfg)
         per_block = kv_bytes_per_block(self.model, args.block_size, self.dtype)
         num_blocks = max(1, args.kv_budget_bytes() // per_block)
         # A KV cache smaller than one full-length sequence still works (preemption), but never below a few blocks.
@@ -87,8 +98,9 @@ class LLMEngine:
             log.warning("context capped at %d tokens by the KV-cache budget", capacity)
             self.max_model_len = capacity
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, args.max_num_seqs, args.max_num_batched_tokens, args.max_loras_per_step)
+        self.scheduler = Scheduler(self.kv, args.max_num_seqs, args.max_num_batched_tokens, self._loras_per_step())
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device)
+        self.runner.lora = self.lora
         self.requests: dict[str, _Request] = {}
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self.stats_prompt_tokens = 0
@@ -98,6 +110,35 @@ class LLMEngine:
             "loaded %s (%s, %s) in %.1fs; KV cache %d blocks x %d tokens; context %d",
             self.source.name, self.dtype, self.device, self.load_seconds, num_blocks, args.block_size, self.max_model_len,
         )
+
+    # ---- LoRA -----------------------------------------------------------------------------------------------------
+    def _init_lora(
+        self, args: EngineArgs, cfg: ModelConfig
+    ) -> tuple[LoRAManager | None, AdapterResolver | None]:
+        """With ``enable_lora``: wraps the model's projections in LoRA layers (a LoRAManager) and builds the resolver
+        of adapter names (``lora_modules``, then the fine-tune registry of ``data_dir``). Else (None, None)."""
+        if not args.enable_lora:
+            return None, None
+        from airun.lora import AdapterResolver, FinetuneRegistry, LoRAManager, default_data_dir
+
+        manager = LoRAManager(self.model, cfg, args.max_loras, args.max_lora_rank)
+        registry = FinetuneRegistry(Path(args.data_dir) if args.data_dir else default_data_dir(), args.max_lora_rank)
+        return manager, AdapterResolver(args.lora_modules, registry)
+
+    def _loras_per_step(self) -> int | None:
+        """The scheduler's cap on distinct adapters per step: never more than the LoRA slots."""
+        cap = self.args.max_loras_per_step
+        if self.lora is None:
+            return cap
+        return min(cap, self.args.max_loras) if cap else self.args.max_loras
+
+    def _acquire_lora(self, lora: str) -> tuple[str, LoRAAdapter]:
+        """(cache key, LoRAAdapter) of a request's ``lora``. Raises LoRANotSupportedError (5005),
+        FinetuneNotFoundError (3037), FinetuneMissingFilesError (3039) or InvalidAdapterError."""
+        if self.lora is None or self.lora_resolver is None:
+            raise LoRANotSupportedError(self.source.name)
+        key, path = self.lora_resolver.resolve(lora)
+        return key, self.lora.acquire(key, path)
 
     # ---- requests -------------------------------------------------------------------------------------------------
     def validate_request(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
@@ -122,20 +163,27 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, sampling)
+        adapter = None
+        if cache_key is not None:  # a LoRA adapter's name or fine-tune id -> its content key, loaded on first use
+            cache_key, adapter = self._acquire_lora(cache_key)
         if sampling.seed is None:
             sampling.seed = secrets.randbits(63)
         seq = Sequence(request_id, list(prompt_token_ids), sampling, cache_key=cache_key)
         self.requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer))
+        self.requests[request_id].lora = adapter
         self.scheduler.add(seq)
         self.stats_prompt_tokens += len(prompt_token_ids)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Ends the request at once and frees its KV blocks; False if it is unknown (already finished)."""
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Ends the request at once and frees its KV blocks; returns its final output (finish reason "abort"), or None
+        if it is unknown (already finished)."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return False
+            return None
         self.scheduler.abort(request_id)
-        return True
+        seq = req.seq
+        return RequestOutput(request_id, req.pending, [], True, FinishReason.ABORT.value, seq.num_prompt_tokens,
+                             seq.num_output_tokens, seq.num_cached_tokens)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -146,6 +194,13 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
+        scheduled_at = time.monotonic()
+        for item in out.scheduled:
+            sched = self.requests.get(item.seq.request_id)
+            if sched is not None and sched.first_scheduled_time is None:
+                sched.first_scheduled_time = scheduled_at
+        if self.lora is not None:  # the adapters of running requests stay resident (at most max_loras of them)
+            self.lora.activate(s.cache_key for s in self.scheduler.running if s.cache_key is not None)
         sampled = self.runner.execute(out)
         self.scheduler.update_after_step(out)
         outputs: list[RequestOutput] = []
@@ -199,6 +254,10 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            arrival_time=req.arrival,
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
+            time=time.monotonic(),
         )
 
     def fail_all(self, error: str) -> list[RequestOutput]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence as Seq
 
 import torch
@@ -19,6 +21,16 @@ def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> 
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero tensor whose CPU memory is committed page by page on first write (an anonymous mapping), so an unused
+    KV budget costs no resident memory. Zeros, not garbage: attention multiplies masked-out values by 0."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    buf = mmap.mmap(-1, max(nbytes, 1))
+    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
+
+
 class ModelRunner:
     """Runs one scheduled step: builds the flat batch (decode tokens first, then prefill chunks), runs the model,
     samples one token for every sequence whose known tokens are all computed after this step.
@@ -33,13 +45,14 @@ class ModelRunner:
         self.device = device
         cfg = model.config
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.k_caches = [zeros_lazy(shape, dtype, device) for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [zeros_lazy(shape, dtype, device) for _ in range(cfg.num_hidden_layers)]
         for layer, k, v in zip(model.model.layers, self.k_caches, self.v_caches):
             layer.self_attn.k_cache = k
             layer.self_attn.v_cache = v
         self.sampler = Sampler()
         self.fault_hook = None  # a test-only callable run before each model step (fault injection)
+        self.lora = None  # an airun.lora.LoRAManager when LoRA is enabled: told each row's adapter before a forward
 
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -105,11 +118,17 @@ class ModelRunner:
         """Runs the model; returns the scheduled seqs that sample this step and their logits [N, vocab] (float32)."""
         if self.fault_hook is not None:
             self.fault_hook()
+        if self.lora is not None:  # rows of one adapter side by side: the LoRA layers batch them without gathers
+            output.scheduled.sort(key=lambda s: self.lora.slot_of(s.seq.cache_key))
         decode = [s for s in output.scheduled if s.num_new_tokens == 1]
         prefill = [s for s in output.scheduled if s.num_new_tokens > 1]
         ordered = decode + prefill
         input_ids, positions, meta, last = self.prepare(output.scheduled)
+        if self.lora is not None:
+            self.lora.set_batch([(s.seq.cache_key, s.num_new_tokens) for s in ordered])
         hidden = self.model(input_ids, positions, meta)
+        if self.lora is not None:
+            self.lora.ctx.clear()  # a later forward outside this runner sees no adapter rather than a stale mapping
         sampling = [
             (s, i) for s, i in zip(ordered, last) if s.seq.num_computed_tokens + s.num_new_tokens == s.seq.num_tokens
         ]

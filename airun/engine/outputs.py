@@ -19,6 +19,12 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int = 0
     error: str | None = None
+    # time.monotonic() stamps of the step loop (None where unknown, e.g. abort and error outputs): when the engine
+    # queued the request, first scheduled it, produced its first token, and produced this output.
+    arrival_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    time: float | None = None
 
 
 @dataclass(slots=True)

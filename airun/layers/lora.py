@@ -9,15 +9,18 @@ The projections of the decoder are fused (``qkv_proj`` = q|k|v rows, ``gate_up_p
 its slices, shares one down-projection ``A`` (the ranks of its slices side by side) and keeps one up-projection ``B``
 per slice, added into that slice of the output.
 
-The rows of one step are grouped by slot once (:meth:`LoRAContext.set_runs`) and every wrapper reuses the grouping:
-either one padded batched matmul over all groups (a gather of each adapter used, whatever the number of rows), or, when
-groups are so uneven that padding would more than double the rows, one matmul pair per group.
+The rows of one step are cut once (:meth:`LoRAContext.set_runs`) into runs of equal slot, which every wrapper reuses.
+The model runner places the rows of one adapter side by side, so in the common case (decode steps) the adapter rows
+are one block of equal runs: one batched matmul pair over a view of the input and of the stacked weights, no gather
+and no scatter. Uneven runs are padded into such a batch (a gather and a scatter-add) when padding at most doubles the
+rows, and otherwise get one matmul pair each.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -67,81 +70,96 @@ def fused_layout(cfg: ModelConfig) -> dict[str, tuple[str, int, list[tuple[str, 
 
 @dataclass(slots=True)
 class LoRABatch:
-    """How the rows of one step map onto adapter slots (rows of slot 0 appear nowhere).
+    """How the rows of one step map onto adapter slots.
 
-    Invariants: ``rows`` lists the row of every adapter row, grouped by slot in the order of ``slots`` (``sizes[g]``
-    rows for group g, each group's rows ascending); ``targets`` is the union of the projections the step's adapters
-    target. Padded mode (``pad_index`` set): group g's rows sit at ``[g * max_rows, g * max_rows + sizes[g])`` of
-    ``pad_index`` (``[U * max_rows]``, pads repeat a row of the group) and ``valid`` picks them out of the flattened
-    ``[U * max_rows]`` result (None when no group is padded). ``all_rows`` is True when one group covers every row of
-    the step in order (``rows`` is ``0..T-1``).
+    Invariants: ``segments`` are the maximal runs ``(slot, first row, rows)`` of equal non-zero slot, in row order
+    (rows of slot 0 are in none); ``targets`` is the union of the projections the step's adapters target; ``mode``:
+
+    - ``"block"``: the segments all have ``max_rows`` rows and follow each other without a gap from row ``start``, so
+      the adapter rows are one ``[U, max_rows, in]`` view of the input;
+    - ``"padded"``: ``pad_index`` (``[U * max_rows]``) gathers each segment's rows into a padded ``[U, max_rows, in]``
+      batch (pads repeat a row of their segment), ``valid`` picks the real rows out of it (None when none is padding)
+      and ``rows`` says where they go (``[N]``, segment order);
+    - ``"loop"``: one matmul pair per segment (segments too uneven to pad).
+
+    ``slot_range`` is ``(lo, hi)`` when the segments' slots are ``lo, lo + 1, ..., hi - 1`` in order (the stacked
+    weights are then a view); otherwise ``slots`` (``[U]``) gathers them.
     """
 
     num_tokens: int
-    rows: torch.Tensor  # [N] int64
-    slots: torch.Tensor  # [U] int64
-    slot_list: list[int]
-    sizes: list[int]
     targets: frozenset[str]
+    segments: list[tuple[int, int, int]]
+    mode: Literal["block", "padded", "loop"]
+    max_rows: int
+    start: int = 0
+    slot_range: tuple[int, int] | None = None
+    slots: torch.Tensor | None = None  # [U] int64
     pad_index: torch.Tensor | None = None  # [U * max_rows] int64
     valid: torch.Tensor | None = None  # [N] int64
-    max_rows: int = 0
-    all_rows: bool = False
+    rows: torch.Tensor | None = None  # [N] int64
 
 
 class LoRAContext:
     """The per-step row-to-slot mapping shared by every LoRA layer of one model. The model runner sets it before each
-    forward (:meth:`set_runs`); ``batch`` is None when no row of the step has an adapter."""
+    forward (:meth:`set_runs`), with rows of one adapter placed side by side where it can; ``batch`` is None when no
+    row of the step has an adapter."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.batch: LoRABatch | None = None
-        self.num_tokens = 0
 
     def set_runs(self, runs: Sequence[tuple[int, int]], slot_targets: Mapping[int, frozenset[str]]) -> None:
         """``runs``: ``(slot, num_rows)`` for consecutive rows of the flat batch, in order. ``slot_targets``: the
         projections each non-zero slot's adapter targets."""
-        groups: dict[int, list[int]] = {}
+        segments: list[tuple[int, int, int]] = []
         row = 0
         for slot, n in runs:
-            if slot:
-                groups.setdefault(slot, []).extend(range(row, row + n))
+            if slot and n:
+                if segments and segments[-1][0] == slot and segments[-1][1] + segments[-1][2] == row:
+                    segments[-1] = (slot, segments[-1][1], segments[-1][2] + n)
+                else:
+                    segments.append((slot, row, n))
             row += n
-        self.num_tokens = row
-        if not groups:
+        if not segments:
             self.batch = None
             return
         dev = self.device
-        slot_list = list(groups)
-        sizes = [len(groups[s]) for s in slot_list]
-        flat = [r for s in slot_list for r in groups[s]]
-        n, u, m = len(flat), len(slot_list), max(sizes)
-        targets = frozenset().union(*(slot_targets[s] for s in slot_list))
-        batch = LoRABatch(
-            num_tokens=row,
-            rows=torch.tensor(flat, dtype=torch.int64, device=dev),
-            slots=torch.tensor(slot_list, dtype=torch.int64, device=dev),
-            slot_list=slot_list,
-            sizes=sizes,
-            targets=targets,
-            all_rows=(u == 1 and n == row),
-        )
-        if u * m <= 2 * n:
+        u = len(segments)
+        m = max(n for _, _, n in segments)
+        total = sum(n for _, _, n in segments)
+        slot_list = [s for s, _, _ in segments]
+        targets = frozenset().union(*(slot_targets[s] for s in set(slot_list)))
+        lo = slot_list[0]
+        consecutive = slot_list == list(range(lo, lo + u))
+        mode: Literal["block", "padded", "loop"]
+        if all(n == m and first == segments[0][1] + g * m for g, (_, first, n) in enumerate(segments)):
+            mode = "block"
+        elif u * m <= 2 * total:
+            mode = "padded"
+        else:
+            mode = "loop"
+        batch = LoRABatch(row, targets, segments, mode, m, start=segments[0][1])
+        if mode != "loop":
+            if consecutive:
+                batch.slot_range = (lo, lo + u)
+            else:
+                batch.slots = torch.tensor(slot_list, dtype=torch.int64, device=dev)
+        if mode == "padded":
             pad: list[int] = []
             valid: list[int] = []
-            for g, s in enumerate(slot_list):
-                rs = groups[s]
-                pad.extend(rs + [rs[0]] * (m - len(rs)))
-                valid.extend(range(g * m, g * m + len(rs)))
+            for g, (_, first, n) in enumerate(segments):
+                pad.extend(range(first, first + n))
+                pad.extend([first] * (m - n))
+                valid.extend(range(g * m, g * m + n))
             batch.pad_index = torch.tensor(pad, dtype=torch.int64, device=dev)
-            batch.max_rows = m
-            if u * m != n:
+            flat = [r for _, f, n in segments for r in range(f, f + n)]
+            batch.rows = torch.tensor(flat, dtype=torch.int64, device=dev)
+            if u * m != total:
                 batch.valid = torch.tensor(valid, dtype=torch.int64, device=dev)
         self.batch = batch
 
     def clear(self) -> None:
         self.batch = None
-        self.num_tokens = 0
 
 
 class LoRALinear(nn.Module):
@@ -172,9 +190,8 @@ class LoRALinear(nn.Module):
         self.slice_names = frozenset(n for n, _, _ in slices)
         self.max_rank = max_rank
         s = len(self.slices)
-        self.register_buffer(
-            "lora_a", torch.zeros(max_loras + 1, in_features, s * max_rank, dtype=dtype, device=device), persistent=False
-        )
+        a = torch.zeros(max_loras + 1, in_features, s * max_rank, dtype=dtype, device=device)
+        self.register_buffer("lora_a", a, persistent=False)
         for i, (_, _, rows) in enumerate(self.slices):
             self.register_buffer(
                 f"lora_b{i}", torch.zeros(max_loras + 1, max_rank, rows, dtype=dtype, device=device), persistent=False
@@ -210,6 +227,13 @@ class LoRALinear(nn.Module):
         for i in range(len(self.slices)):
             self.lora_b(i)[slot].zero_()
 
+    def _stack(self, t: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+        """``t`` (a stacked weight) for the batch's segments, in segment order: ``[U, ...]``."""
+        if batch.slot_range is not None:
+            return t[batch.slot_range[0] : batch.slot_range[1]]
+        assert batch.slots is not None
+        return t.index_select(0, batch.slots)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         batch = self.ctx.batch
@@ -218,48 +242,33 @@ class LoRALinear(nn.Module):
         if batch.num_tokens != x.shape[0]:
             raise RuntimeError(f"LoRA batch covers {batch.num_tokens} rows, the forward has {x.shape[0]}")
         r = self.max_rank
-        if batch.pad_index is not None:
-            u, m = len(batch.slot_list), batch.max_rows
-            xg = x if batch.all_rows else x.index_select(0, batch.pad_index)
-            if u == 1:
-                h = xg @ self.lora_a[batch.slot_list[0]]  # [N, S*r]
-            else:
-                h = torch.bmm(xg.view(u, m, -1), self.lora_a.index_select(0, batch.slots)).view(u * m, -1)
-            for i, (name, off, rows) in enumerate(self.slices):
-                if name not in batch.targets:
-                    continue
-                hi = h[:, i * r : (i + 1) * r]
-                b = self.lora_b(i)
-                if u == 1:
-                    d = hi @ b[batch.slot_list[0]]
-                else:
-                    d = torch.bmm(hi.reshape(u, m, r), b.index_select(0, batch.slots)).view(u * m, rows)
-                    if batch.valid is not None:
-                        d = d.index_select(0, batch.valid)
-                self._add(out, off, rows, d, batch)
+        u, m = len(batch.segments), batch.max_rows
+        if batch.mode == "loop":
+            for slot, first, n in batch.segments:
+                h = x[first : first + n].to(self.lora_a.dtype) @ self.lora_a[slot]
+                for i, (name, off, rows) in enumerate(self.slices):
+                    if name in batch.targets:
+                        out[first : first + n, off : off + rows].add_(h[:, i * r : (i + 1) * r] @ self.lora_b(i)[slot])
             return out
-        # Uneven groups: one matmul pair per group over its rows (sorted by slot), no padding.
-        xs = x.index_select(0, batch.rows)
-        hs: list[torch.Tensor] = []
-        start = 0
-        for slot, n in zip(batch.slot_list, batch.sizes):
-            hs.append(xs[start : start + n] @ self.lora_a[slot])
-            start += n
+        if batch.mode == "block":
+            xg = x[batch.start : batch.start + u * m]
+        else:
+            assert batch.pad_index is not None
+            xg = x.index_select(0, batch.pad_index)
+        h = torch.bmm(xg.to(self.lora_a.dtype).view(u, m, -1), self._stack(self.lora_a, batch))  # [U, m, S*r]
         for i, (name, off, rows) in enumerate(self.slices):
             if name not in batch.targets:
                 continue
-            b = self.lora_b(i)
-            parts = [h[:, i * r : (i + 1) * r] @ b[slot] for h, slot in zip(hs, batch.slot_list)]
-            self._add(out, off, rows, torch.cat(parts, dim=0), batch)
+            d = torch.bmm(h[:, :, i * r : (i + 1) * r], self._stack(self.lora_b(i), batch))  # [U, m, rows]
+            if batch.mode == "block":
+                out[batch.start : batch.start + u * m, off : off + rows].add_(d.view(u * m, rows))
+                continue
+            d = d.view(u * m, rows)
+            if batch.valid is not None:
+                d = d.index_select(0, batch.valid)
+            assert batch.rows is not None
+            out[:, off : off + rows].index_add_(0, batch.rows, d.to(out.dtype))
         return out
-
-    @staticmethod
-    def _add(out: torch.Tensor, off: int, rows: int, delta: torch.Tensor, batch: LoRABatch) -> None:
-        dst = out if rows == out.shape[-1] else out[:, off : off + rows]
-        if batch.all_rows:
-            dst.add_(delta)
-        else:
-            dst.index_add_(0, batch.rows, delta)
 
 
 def wrap_model(
@@ -267,9 +276,13 @@ def wrap_model(
 ) -> list[dict[str, LoRALinear]]:
     """Swaps every fused projection of every decoder layer of ``model`` (a built, loaded ``CausalLM``) for a
     :class:`LoRALinear` around it. Returns, per layer, ``target name -> wrapper`` (q/k/v share one wrapper, as do
-    gate/up). Idempotent: a layer already wrapped is wrapped no further."""
+    gate/up). Idempotent: a layer already wrapped is wrapped no further.
+
+    The adapter weights and the low-rank products are in the model's dtype on accelerators and in float32 on the CPU,
+    where small bfloat16 matmuls are many times slower than float32 ones (the update is cast back as it is added)."""
     emb = model.model.embed_tokens.weight
-    dtype, device = emb.dtype, emb.device
+    device = emb.device
+    dtype = torch.float32 if device.type == "cpu" else emb.dtype
     layout = fused_layout(cfg)
     out: list[dict[str, LoRALinear]] = []
     for layer in model.model.layers:

@@ -9,21 +9,24 @@ Formats (the values a checkpoint is converted to before a layer is built from it
 
 Kernels. :class:`Int8Linear` runs ``aten._weight_int8pack_mm``; :class:`Int4Linear` runs PyTorch's tinygemm int4 kernels
 (``_weight_int4pack_mm_for_cpu`` on CPU, ``_weight_int4pack_mm`` on CUDA), which compute
-``w = (codes - 8) * scale + zero`` with ``scales_and_zeros[g, n] = (scale, zero)`` in bfloat16, so a layer stores ``zero = mins + 8 * scales``. Both kernels re-read the quantized weight for every few rows of activations, so their
+``w = (codes - 8) * scale + zero`` with ``scales_and_zeros[g, n] = (scale, zero)`` in bfloat16, so a layer stores
+``zero = mins + 8 * scales``. Both kernels re-read the quantized weight for every few rows of activations, so their
 cost grows linearly with the number of rows ``M``; above a row threshold the layer instead dequantizes its weight one
 tile at a time and calls the dense ``matmul`` (never keeping a full-precision copy). Thresholds, measured on a 2-core
 AVX-512 (bf16) CPU with the demo model's shapes (576x576, 960x576, 3072x576, 576x1536, 49152x576) and M = 1..256
 (``bench/quant_kernels.py``, minimum of repeated runs):
 
-- int8: the kernel is 2.5-3x faster than bf16 ``F.linear`` at M = 1, equal near M = 8 and slower from M = 16 on;
-  dequantize-per-tile + matmul costs one int8->bf16 pass over the weight and wins from M ~ 16-24 on (at M = 256 it is
-  within 1.15x of bf16 and 2.5-3x faster than the kernel). Kernel for ``M <= 16``.
-- int4: the kernel is 3-4x faster than bf16 at M = 1, equal near M = 8; unpacking int4 costs ~1 ns per weight, so
-  dequantize + matmul only wins from M ~ 100 on (1.5x faster than the kernel at M = 256). Kernel for ``M <= 96``.
+- int8: the kernel is 2-3x faster than bf16 ``F.linear`` at M = 1, equal near M = 8, 2x slower at M = 16 and 3x at
+  M = 256 (its cost is linear in M); dequantize-per-tile (one int8->bf16 pass over the weight, ~0.1 ns per weight) +
+  matmul is 1.1-1.4x bf16 from M = 32 on, and beats the kernel from M ~ 16-24 on. Kernel for ``M <= 16``.
+- int4: the kernel is 2.5-4x faster than bf16 at M = 1, equal near M = 8, 2.8x slower at M = 256; unpacking int4 costs
+  ~0.4 ns per weight, so dequantize + matmul beats the kernel from M ~ 64-100 on (1.3-1.9x faster than it at
+  M = 192-256). Kernel for ``M <= 64``.
 
 The kernels run in bfloat16: it is the only activation dtype PyTorch vectorizes them for on CPU (float32 and float16
-take a scalar path, 25-100x slower at M = 1), and the only one of the CUDA int4 kernel. So scales are stored in bfloat16,
-small batches are computed in bfloat16 whatever the model dtype, and the large-M path dequantizes to the input dtype.
+take a scalar path, 25-100x slower at M = 1), and the only one of the CUDA int4 kernel. So scales are stored in
+bfloat16, small batches are computed in bfloat16 whatever the model dtype, and the large-M path dequantizes to the
+input dtype.
 
 The CPU int4 packed layout depends on the SIMD level PyTorch dispatches to; the layer dequantizes it only when it
 recognises the layout (verified once per process by packing a probe and unpacking it); otherwise every M uses the
@@ -45,7 +48,7 @@ QuantFormat = Literal["int8", "int4"]
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the int4 kernels accept
 COMPUTE_DTYPE = torch.bfloat16  # activation dtype of the kernels, and dtype of the stored scales
 INT8_KERNEL_MAX_ROWS = 16
-INT4_KERNEL_MAX_ROWS = 96
+INT4_KERNEL_MAX_ROWS = 64
 DEQUANT_TILE_ELEMENTS = 1 << 21  # weights dequantized per tile on the large-M path (4 MiB in bf16)
 PACK_CHUNK_ROWS = 1024  # rows packed per call when loading int4 (a multiple of every kernel's row block)
 
@@ -94,10 +97,10 @@ def quantize_int8(w: torch.Tensor, chunk_rows: int = 4096) -> Int8Weight:
     q = torch.empty(n, k, dtype=torch.int8, device=w.device)
     scales = torch.empty(n, dtype=torch.float32, device=w.device)
     for r in range(0, n, chunk_rows):
-        x = w[r : r + chunk_rows].float()
+        x = w[r : r + chunk_rows].to(torch.float32, copy=True)  # a copy: ``w`` itself is never written
         s = x.abs().amax(dim=1) / 127.0
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-        q[r : r + chunk_rows] = torch.round(x * inv[:, None]).clamp_(-127, 127).to(torch.int8)
+        q[r : r + chunk_rows].copy_(x.mul_(inv[:, None]).round_().clamp_(-127, 127))
         scales[r : r + chunk_rows] = s
     return Int8Weight(q, scales)
 
@@ -115,11 +118,11 @@ def quantize_int4(w: torch.Tensor, group_size: int, chunk_rows: int = 2048) -> I
     mins = torch.empty(n, g, dtype=torch.float32, device=w.device)
     for r in range(0, n, chunk_rows):
         x = w[r : r + chunk_rows].float().view(-1, g, group_size)
-        lo, hi = x.amin(dim=2), x.amax(dim=2)
+        lo, hi = torch.aminmax(x, dim=2)
         s = (hi - lo) / 15.0
         inv = torch.where(s > 0, 1.0 / s, torch.zeros_like(s))
-        q = torch.round((x - lo[..., None]) * inv[..., None]).clamp_(0, 15)
-        codes[r : r + chunk_rows] = q.to(torch.uint8).view(-1, k)
+        q = torch.addcmul((-lo * inv)[..., None], x, inv[..., None])  # (x - lo) / scale
+        codes[r : r + chunk_rows].copy_(q.round_().clamp_(0, 15).view(-1, k))
         scales[r : r + chunk_rows] = s
         mins[r : r + chunk_rows] = lo
     return Int4Weight(codes, scales, mins, group_size)
@@ -177,7 +180,7 @@ class Int8Linear(nn.Module):
 
     def kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]`` through the int8 kernel, in bfloat16."""
-        return torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE_DTYPE), self.qweight, self.scales)
+        return torch.ops.aten._weight_int8pack_mm(x2.to(COMPUTE_DTYPE), self.qweight, self.scales.to(COMPUTE_DTYPE))
 
     def dequant_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]`` by dense matmuls over tiles of int8 rows converted to the dtype of ``x2``; the
@@ -235,7 +238,7 @@ def cpu_int4_layout() -> Int4CpuLayout | None:
     for n, k in ((176, 64), (64, 32)):
         probe = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=gen)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-        for cand in (Int4CpuLayout(64, True), Int4CpuLayout(32, True), Int4CpuLayout(32, False), Int4CpuLayout(64, False)):
+        for cand in (Int4CpuLayout(b, h) for h in (True, False) for b in (64, 32)):
             if torch.equal(_unpack_cpu(packed, n, k, cand).int(), probe):
                 break
         else:
@@ -274,8 +277,10 @@ class Int4Linear(nn.Module):
     ) -> None:
         super().__init__()
         if not int4_supported(out_features, in_features, group_size, backend):
-            raise ValueError(f"int4 {backend} kernels do not take a {out_features}x{in_features} weight, group {group_size}")
-        self.in_features, self.out_features, self.group_size, self.backend = in_features, out_features, group_size, backend
+            shape = f"{out_features}x{in_features}"
+            raise ValueError(f"int4 {backend} kernels take no {shape} weight in groups of {group_size}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.backend = group_size, backend
         if backend == "cuda":
             tiles = 8 if in_features % 128 == 0 else 4 if in_features % 64 == 0 else 2
             shape, pdtype = (out_features // 8, in_features // (tiles * 16), 32, tiles // 2), torch.int32
@@ -283,7 +288,8 @@ class Int4Linear(nn.Module):
             shape, pdtype = (out_features, in_features // 2), torch.uint8
         self.register_buffer("packed", torch.empty(shape, dtype=pdtype, device=device))
         self.register_buffer(
-            "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=COMPUTE_DTYPE, device=device)
+            "scales_and_zeros",
+            torch.empty(in_features // group_size, out_features, 2, dtype=COMPUTE_DTYPE, device=device),
         )
 
     def extra_repr(self) -> str:
@@ -309,10 +315,10 @@ class Int4Linear(nn.Module):
 
     def kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]`` through the int4 kernel, in bfloat16."""
-        x2 = x2.to(COMPUTE_DTYPE)
+        x2, sz = x2.to(COMPUTE_DTYPE), self.scales_and_zeros.to(COMPUTE_DTYPE)  # no-ops unless a .to(dtype) cast them
         if self.backend == "cuda":
-            return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_and_zeros)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_and_zeros)
+            return torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, sz)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, sz)
 
     @property
     def can_dequantize(self) -> bool:
@@ -348,10 +354,11 @@ class Int4Linear(nn.Module):
             else:  # the shorter last block: [K, rows/2] bytes, rows in pairs
                 w.copy_(_unpack_block_bytes(raw.view(k, rows // 2), False))
             sz = self.scales_and_zeros[:, r0:r1].float()
-            scale, zero = sz[..., 0].unsqueeze(1), (sz[..., 1] - 8.0 * sz[..., 0]).unsqueeze(1)
-            wg = w.view(k // g, g, rows)
-            torch.addcmul(zero, wg, scale, out=wg)
-            yield r0, r1, w.to(dtype)
+            scale = sz[..., 0].contiguous()  # contiguous: broadcasting a strided operand is ~6x slower
+            zero = sz[..., 1] - 8.0 * scale
+            out = torch.empty(k, rows, dtype=dtype, device=w.device)
+            torch.addcmul(zero.unsqueeze(1), w.view(k // g, g, rows), scale.unsqueeze(1), out=out.view(k // g, g, rows))
+            yield r0, r1, out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight ``[N, K]`` the layer computes with, in ``dtype`` (unpacked tile by tile where the layout is
@@ -374,7 +381,12 @@ class Int4Linear(nn.Module):
 
 
 def quantized_linear(
-    fmt: QuantFormat, in_features: int, out_features: int, device: torch.device | str | None, group_size: int, backend: str
+    fmt: QuantFormat,
+    in_features: int,
+    out_features: int,
+    device: torch.device | str | None,
+    group_size: int,
+    backend: str,
 ) -> Int8Linear | Int4Linear:
     """An empty quantized linear of format ``fmt`` (fill it with ``load_rows`` / ``load``)."""
     if fmt == "int8":

@@ -207,17 +207,23 @@ def load_model_config(source: ModelSource) -> ModelConfig:
 
 
 def iter_weights(
-    source: ModelSource, config: ModelConfig, show_progress: bool | None = None
+    source: ModelSource, config: ModelConfig, show_progress: bool | None = None, native_quant: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, tensor)`` pairs, one tensor at a time, HF names and HF rotary layout (see docs/ARCHITECTURE.md).
 
     The consumer copies each tensor into its own parameter before asking for the next one, and must not write to it:
     safetensors tensors are read-only views of the file whose pages are released once the next one is requested;
     GGUF tensors are dequantized to float32 (F16/BF16 keep their dtype). ``show_progress``: a tqdm bar on stderr
-    (None: only when stderr is a terminal)."""
+    (None: only when stderr is a terminal). ``native_quant``: GGUF Q4_0/Q4_1/Q4_K weights come instead as exact
+    :class:`airun.layers.quant.Int4Weight` values (see :mod:`airun.loader.gguf_quant`), for a quantized model."""
     if source.kind == "gguf":
         reader = gguf_io.open_gguf(source.path)
-        items = gguf_io.iter_gguf(reader, config)
+        if native_quant:
+            from airun.loader.gguf_quant import iter_gguf_native
+
+            items = iter_gguf_native(reader, config)
+        else:
+            items = gguf_io.iter_gguf(reader, config)
         total = gguf_io.tensor_count(reader)
     else:
         files = safetensors_io.checkpoint_files(source.path)

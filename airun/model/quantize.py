@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -42,11 +43,15 @@ from airun.layers.quant import (
 from airun.model.config import ModelConfig
 from airun.model.llama import _FUSED, CausalLM
 
+if TYPE_CHECKING:
+    from airun.loader.source import ModelSource
+
 log = logging.getLogger("airun.model")
 
 QUANTIZE_CHOICES = ("int8", "int4", "none")
 DEFAULT_INT4_GROUP = 32
 GGUF_INT4_GROUP = 32
+_PROJECTIONS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
 _SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 Weight = torch.Tensor | Int4Weight
@@ -75,7 +80,7 @@ def linear_paths(cfg: ModelConfig) -> dict[str, list[str]]:
     """Module path of every quantizable linear -> the HF names of the checkpoint tensors it is made of."""
     out: dict[str, list[str]] = {}
     for i in range(cfg.num_hidden_layers):
-        for parent, attr in (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj")):
+        for parent, attr in _PROJECTIONS:
             base = f"model.layers.{i}.{parent}"
             out[f"{base}.{attr}"] = [f"{base}.{s}.weight" for s in _SHARDS.get(attr, (attr,))]
     out["lm_head"] = ["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
@@ -113,19 +118,21 @@ def plan_from_gguf(
     return QuantPlan(formats, GGUF_INT4_GROUP, native_gguf=True, reason=reason)
 
 
-def resolve_quant_plan(quantize: str | None, source: object, cfg: ModelConfig, dtype: torch.dtype) -> QuantPlan | None:
+def resolve_quant_plan(
+    quantize: str | None, source: ModelSource, cfg: ModelConfig, dtype: torch.dtype
+) -> QuantPlan | None:
     """The plan for ``EngineArgs.quantize`` (see the module docstring), or None when nothing is quantized.
-    ``source`` is a :class:`airun.loader.source.ModelSource`. Raises InvalidRequestError for an unknown choice."""
+    Raises InvalidRequestError for an unknown choice."""
     if quantize is not None and quantize not in QUANTIZE_CHOICES:
         raise InvalidRequestError(f"quantize must be one of {', '.join(QUANTIZE_CHOICES)}; got {quantize!r}")
     if quantize == "none":
         return None
-    if getattr(source, "kind", None) == "gguf":
+    if source.kind == "gguf":
         if quantize is None and dtype == torch.float32:
             return None
-        from airun.loader import gguf_io, gguf_quant
+        from airun.loader import gguf_quant
 
-        native = gguf_quant.tensor_formats(gguf_io.open_gguf(source.path))  # type: ignore[attr-defined]
+        native = gguf_quant.tensor_formats(source.path)
         plan = plan_from_gguf(cfg, native, quantize)  # type: ignore[arg-type]
         return plan if plan.formats else None
     if quantize is None:

@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse
 
 import airun
 from airun.server import finetunes, metrics, openai_api, workers_ai
+from airun.server.access_log import AccessLogMiddleware
 from airun.server.admission import AdmissionMiddleware, engine_batch_capacity
 from airun.server.errors import install_error_handlers
 from airun.server.middleware import RequestContextMiddleware
@@ -116,10 +117,12 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.airun = state
-    app.state.metrics_registry = metrics.make_registry(state)
+    app.state.server_metrics = server_metrics = metrics.ServerMetrics(state)
+    app.state.metrics_registry = server_metrics.registry
     app.state.admission = state.admission
     app.add_middleware(AdmissionMiddleware, admission=state.admission, settings=lambda: state.settings)
-    app.add_middleware(RequestContextMiddleware, settings=lambda: state.settings)  # outermost: runs first
+    app.add_middleware(RequestContextMiddleware, settings=lambda: state.settings)
+    app.add_middleware(AccessLogMiddleware, state=state, metrics=server_metrics)  # outermost: runs first
     install_error_handlers(app)
     install_openapi(app, state)
 

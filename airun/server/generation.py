@@ -24,6 +24,7 @@ from airun.errors import ContextLengthError, EngineDeadError, InvalidRequestErro
 from airun.sampling_params import SamplingParams
 from airun.server.errors import ApiError, capacity_exceeded, context_window, internal_error, invalid_input, timed_out
 from airun.server.finetunes import lora_error
+from airun.server.metrics import track_generation
 from airun.server.sse import wait_for_disconnect
 from airun.server.state import AppState
 
@@ -90,7 +91,7 @@ class Generation:
         self.num_prompt_tokens = len(prompt_ids)
         timeout = state.settings.request_timeout_s
         self.deadline: float | None = None if timeout is None else time.monotonic() + timeout
-        outputs = engine.generate(prompt_ids, sampling, request_id=request_id, lora=lora)
+        outputs = track_generation(request, engine.generate(prompt_ids, sampling, request_id=request_id, lora=lora))
         self._outputs: AsyncGenerator[RequestOutput, None] = outputs  # type: ignore[assignment]
         self._released = False
         state.active_requests += 1
