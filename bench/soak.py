@@ -7,7 +7,8 @@ clients, some of which hang up mid-stream.
 Phases: (1) calibration: ``--calib-concurrency`` closed-loop clients for ``--calib-seconds``; the completed requests a
 second is the sustainable rate; (2) soak: Poisson arrivals at ``--overload`` times that rate for ``--minutes``.
 Reports requests served, 429s, other errors (the bar: 0), disconnects, p50/p99 time to first token, and the server's
-RSS after calibration and at the end (the bar: growth < 5%). Prints one JSON object; exits 1 if a bar is missed.
+RSS after calibration, after the soak's first 20% (its warm-up at full load: the start of the growth measure) and at
+the end (the bar: growth < 5%). Prints one JSON object; exits 1 if a bar is missed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,10 +174,23 @@ def main() -> int:
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         run_url = f"{url}/client/v4/accounts/local/ai/run/{model}"
         sustainable = asyncio.run(calibrate(run_url, args.calib_concurrency, args.calib_seconds, args.max_tokens))
-        rss_start = rss_bytes(pid) if pid else None
+        rss_calibrated = rss_bytes(pid) if pid else None
         rate = max(0.1, sustainable * args.overload)
         t0 = time.monotonic()
+        samples: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def sample() -> None:  # RSS every second; the soak's first 20% is its warm-up
+            while pid and not stop.wait(1.0):
+                samples.append((time.monotonic() - t0, rss_bytes(pid)))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         tally = asyncio.run(soak(run_url, rate, args.minutes * 60, args.hang_up, args.max_tokens))
+        stop.set()
+        sampler.join()
+        warm = [r for t, r in samples if t >= 0.2 * args.minutes * 60]
+        rss_start = warm[0] if warm else rss_calibrated
         elapsed = time.monotonic() - t0
         time.sleep(2.0)
         rss_end = rss_bytes(pid) if pid else None
@@ -195,7 +210,8 @@ def main() -> int:
         "error_samples": tally.error_samples[:5],
         "ttft_p50_s": percentile(tally.ttft_s, 50),
         "ttft_p99_s": percentile(tally.ttft_s, 99),
-        "rss_start_mb": rss_start and round(rss_start / 2**20, 1),
+        "rss_after_calibration_mb": rss_calibrated and round(rss_calibrated / 2**20, 1),
+        "rss_start_mb": rss_start and round(rss_start / 2**20, 1),  # after the soak's first 20% (warm-up)
         "rss_end_mb": rss_end and round(rss_end / 2**20, 1),
         "rss_growth": growth and round(growth, 4),
         "server_exit_code": proc.returncode if proc is not None else None,

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 
 from airun.cli import build_parser, engine_args_from
 from airun.errors import InvalidRequestError
+from airun.sampling_params import SamplingParams
 from airun.layers import quant
 from airun.layers.quant import Int4Linear, Int8Linear
 from airun.loader import iter_weights, load_model_config, resolve_source
@@ -184,3 +185,26 @@ def test_quantize_choices(tiny_mistral_dir: Path) -> None:
     args = engine_args_from(build_parser().parse_args(["generate", "--quantize", "int4", "hello"]))
     assert args.quantize == "int4"
     assert engine_args_from(build_parser().parse_args(["generate", "hello"])).quantize is None
+
+
+def test_lora_adapters_wrap_quantized_projections(tiny_mistral_dir: Path, tmp_path: Path) -> None:
+    """A LoRA wrapper holds the quantized base as is: an adapter changes the output of a quantized model, and its
+    per-row delta is computed in float on top of the int4 base."""
+    from airun.layers.lora import LoRALinear
+    from tests.lora_fixtures import make_peft_adapter
+
+    adapter = make_peft_adapter(tiny_mistral_dir, tmp_path / "ad", seed=1)
+    engine = make_engine(
+        tiny_mistral_dir, quantize="int4", threads=1, enable_lora=True, lora_modules={"ad": str(adapter)}
+    )
+    qkv = engine.model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, LoRALinear) and isinstance(qkv.base, Int4Linear)
+    ids = [1, 330, 1526, 302, 4843, 349]
+    outs = {}
+    for key in (None, "ad"):
+        engine.add_request(str(key), ids, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True), cache_key=key)
+        outs[key] = []
+        while engine.has_unfinished():
+            for o in engine.step():
+                outs[key].extend(o.token_ids)
+    assert len(outs[None]) == len(outs["ad"]) == 6 and outs[None] != outs["ad"]
