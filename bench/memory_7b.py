@@ -147,17 +147,19 @@ def child(mode: str, folder: Path, kv_gb: float) -> None:
     load_s = time.time() - t0
     peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     weights = quantized_bytes(engine.model)
-    kv_bytes = engine.runner.k_caches[0].shape[0] * kv_bytes_per_block(engine.model, engine.args.block_size, engine.dtype)
+    num_blocks = engine.runner.k_caches[0].shape[0]
+    kv_bytes = num_blocks * kv_bytes_per_block(engine.model, engine.args.block_size, engine.dtype)
     # one short request: the model runs (prefill of 8 tokens, 2 decode steps)
     t1 = time.time()
     engine.add_request("r", list(range(100, 108)), SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
     while engine.has_unfinished():
         engine.step()
     gen_s = time.time() - t1
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "mode": mode, "load_s": round(load_s, 1), "gen_3_tokens_s": round(gen_s, 1), "threads": torch.get_num_threads(),
         "weight_bytes": weights, "kv_budget_bytes": kv_bytes, "baseline_rss_mib": round(base),
-        "peak_rss_mib_after_load": round(peak_load), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mib_after_load": round(peak_load), "peak_rss_mib": round(peak),
     }))
 
 
@@ -186,7 +188,8 @@ def main() -> None:
     print(f"\n{'mode':>5} {'weights GiB':>12} {'KV GiB':>7} {'peak RSS GiB':>13} {'peak/(w+KV)':>12} {'load s':>7}")
     for r in rows:
         print(f"{r['mode']:>5} {r['weight_bytes'] / 2**30:12.2f} {r['kv_budget_bytes'] / 2**30:7.2f} "
-              f"{r['peak_rss_mib_after_load'] / 1024:13.2f} {r['ratio_peak_to_weights_plus_kv']:12.3f} {r['load_s']:7.1f}")
+              f"{r['peak_rss_mib_after_load'] / 1024:13.2f} {r['ratio_peak_to_weights_plus_kv']:12.3f} "
+              f"{r['load_s']:7.1f}")
     bf16 = [r for r in rows if r["mode"] == "bf16"]
     if bf16:
         ok = bf16[0]["ratio_peak_to_weights_plus_kv"] <= 1.1

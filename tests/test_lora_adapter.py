@@ -89,6 +89,7 @@ CONFIG_CASES: dict[str, tuple[Callable[[dict], None], str]] = {
     "regex hits lm_head": (lambda c: c.update(target_modules=".*"), "lm_head"),
     "rank pattern": (lambda c: c.update(rank_pattern={"q_proj": 4}), "rank_pattern"),
     "fan_in_fan_out": (lambda c: c.update(fan_in_fan_out=True), "fan_in_fan_out"),
+    "pissa residual base": (lambda c: c.update(init_lora_weights="pissa_niter_4"), "convert it"),
     "layers pattern": (lambda c: c.update(layers_to_transform=[0], layers_pattern="h"), "layers_pattern"),
     "layer out of range": (lambda c: c.update(layers_to_transform=[0, 5]), "exceeds the model's 2 layers"),
     "other family": (lambda c: c.update(model_type="gemma"), "model_type"),

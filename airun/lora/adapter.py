@@ -132,6 +132,12 @@ def parse_adapter_config(d: Any, max_rank: int = DEFAULT_MAX_RANK) -> AdapterCon
     for key, neutral in _NEUTRAL.items():
         if key in d and d[key] not in neutral:
             raise InvalidAdapterError(f"{key}={d[key]!r} is not supported")
+    init = d.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(("pissa", "olora", "corda", "loftq")):
+        raise InvalidAdapterError(
+            f"init_lora_weights={init!r}: this adapter expects a base model modified at its initialization; "
+            "convert it to a plain LoRA (peft's path_initial_model_for_weight_conversion) first"
+        )
     rslora = d.get("use_rslora", False)
     if rslora not in (True, False, None):
         raise InvalidAdapterError(f"use_rslora must be a boolean, got {rslora!r}")
