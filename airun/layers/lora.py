@@ -189,6 +189,7 @@ class LoRALinear(nn.Module):
         self.slices = [(n, off, rows) for n, off, rows in slices]
         self.slice_names = frozenset(n for n, _, _ in slices)
         self.max_rank = max_rank
+        self._updates_by_targets: dict[frozenset[str], list[tuple[int, int, int, str]]] = {}
         s = len(self.slices)
         a = torch.zeros(max_loras + 1, in_features, s * max_rank, dtype=dtype, device=device)
         self.register_buffer("lora_a", a, persistent=False)
@@ -237,38 +238,68 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         batch = self.ctx.batch
-        if batch is None or not (self.slice_names & batch.targets):
+        if batch is None or self.slice_names.isdisjoint(batch.targets):
             return out
         if batch.num_tokens != x.shape[0]:
             raise RuntimeError(f"LoRA batch covers {batch.num_tokens} rows, the forward has {x.shape[0]}")
-        r = self.max_rank
-        u, m = len(batch.segments), batch.max_rows
-        if batch.mode == "loop":
-            for slot, first, n in batch.segments:
-                h = x[first : first + n].to(self.lora_a.dtype) @ self.lora_a[slot]
-                for i, (name, off, rows) in enumerate(self.slices):
-                    if name in batch.targets:
-                        out[first : first + n, off : off + rows].add_(h[:, i * r : (i + 1) * r] @ self.lora_b(i)[slot])
-            return out
         if batch.mode == "block":
-            xg = x[batch.start : batch.start + u * m]
+            self._block(x, out, batch)
+        elif batch.mode == "padded":
+            self._padded(x, out, batch)
         else:
-            assert batch.pad_index is not None
-            xg = x.index_select(0, batch.pad_index)
-        h = torch.bmm(xg.to(self.lora_a.dtype).view(u, m, -1), self._stack(self.lora_a, batch))  # [U, m, S*r]
-        for i, (name, off, rows) in enumerate(self.slices):
-            if name not in batch.targets:
-                continue
-            d = torch.bmm(h[:, :, i * r : (i + 1) * r], self._stack(self.lora_b(i), batch))  # [U, m, rows]
-            if batch.mode == "block":
-                out[batch.start : batch.start + u * m, off : off + rows].add_(d.view(u * m, rows))
-                continue
-            d = d.view(u * m, rows)
+            self._loop(x, out, batch)
+        return out
+
+    def _updates(self, batch: LoRABatch) -> list[tuple[int, int, int, str]]:
+        """``(slice index, row offset, rows, buffer name of B)`` of the slices the batch's adapters target."""
+        found = self._updates_by_targets.get(batch.targets)
+        if found is None:
+            found = [(i, off, rows, f"lora_b{i}") for i, (name, off, rows) in enumerate(self.slices)
+                     if name in batch.targets]
+            self._updates_by_targets[batch.targets] = found
+        return found
+
+    def _block(self, x: torch.Tensor, out: torch.Tensor, batch: LoRABatch) -> None:
+        """The adapter rows are ``U`` consecutive runs of ``m`` rows: views in, in-place adds out."""
+        r, u, m = self.max_rank, len(batch.segments), batch.max_rows
+        lo, hi = batch.start, batch.start + u * m
+        whole = lo == 0 and hi == out.shape[0]
+        xs = (x if whole else x[lo:hi]).to(self.lora_a.dtype)
+        dst = out if whole else out[lo:hi]
+        single = len(self.slices) == 1
+        if u == 1:  # one adapter: plain matmuls
+            slot = batch.segments[0][0]
+            h = xs @ self.lora_a[slot]
+            for i, off, rows, b in self._updates(batch):
+                d = (h if single else h[:, i * r : (i + 1) * r]) @ self._buffers[b][slot]  # type: ignore[index]
+                (dst if single else dst[:, off : off + rows]).add_(d)
+            return
+        h = torch.bmm(xs.view(u, m, -1), self._stack(self.lora_a, batch))  # [U, m, S*r]
+        dst3 = dst.view(u, m, -1)
+        for i, off, rows, b in self._updates(batch):
+            d = torch.bmm(h if single else h[:, :, i * r : (i + 1) * r], self._stack(self._buffers[b], batch))
+            (dst3 if single else dst3[:, :, off : off + rows]).add_(d)
+
+    def _padded(self, x: torch.Tensor, out: torch.Tensor, batch: LoRABatch) -> None:
+        """Uneven runs gathered into a padded ``[U, m, in]`` batch; the real rows are scatter-added back."""
+        assert batch.pad_index is not None and batch.rows is not None
+        r, u, m = self.max_rank, len(batch.segments), batch.max_rows
+        xg = x.index_select(0, batch.pad_index).to(self.lora_a.dtype).view(u, m, -1)
+        h = torch.bmm(xg, self._stack(self.lora_a, batch))
+        for i, off, rows, b in self._updates(batch):
+            d = torch.bmm(h[:, :, i * r : (i + 1) * r], self._stack(self._buffers[b], batch)).view(u * m, rows)
             if batch.valid is not None:
                 d = d.index_select(0, batch.valid)
-            assert batch.rows is not None
             out[:, off : off + rows].index_add_(0, batch.rows, d.to(out.dtype))
-        return out
+
+    def _loop(self, x: torch.Tensor, out: torch.Tensor, batch: LoRABatch) -> None:
+        """Runs too uneven to pad: one matmul pair per run."""
+        r = self.max_rank
+        updates = self._updates(batch)
+        for slot, first, n in batch.segments:
+            h = x[first : first + n].to(self.lora_a.dtype) @ self.lora_a[slot]
+            for i, off, rows, b in updates:
+                out[first : first + n, off : off + rows].add_(h[:, i * r : (i + 1) * r] @ self._buffers[b][slot])
 
 
 def wrap_model(
