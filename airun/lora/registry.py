@@ -54,7 +54,7 @@ def default_data_dir() -> Path:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def check_name(name: object) -> str:
@@ -162,9 +162,9 @@ class FinetuneRegistry:
             raise InvalidRequestError("a fine-tune needs the model it adapts")
         if not isinstance(description, str) or not isinstance(public, bool):
             raise InvalidRequestError("description must be a string and public a boolean")
-        now = _now()
-        ft = Finetune(str(uuid.uuid4()), name, model, description, public, now, now)
-        with self._locked():
+        with self._locked():  # one creation at a time: names stay unique and creation times increase
+            now = _now()
+            ft = Finetune(str(uuid.uuid4()), name, model, description, public, now, now)
             if any(f.name == name for f in self.list()):
                 raise InvalidRequestError(f"a fine-tune named {name!r} already exists")
             tmp = self._root() / f".create-{uuid.uuid4().hex}"
