@@ -149,13 +149,12 @@ class CausalLM(nn.Module):
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             parts = name.rsplit(".", 2)
-            target, rows = name, None
+            target, rows, idx = name, None, -1
             if len(parts) == 3 and parts[1] in _FUSED:
                 fused, idx = _FUSED[parts[1]]
                 target = f"{parts[0]}.{fused}.{parts[2]}"
                 rows = self._shard_slice(fused, idx)
             param = params.get(target)
-            idx = _FUSED[parts[1]][1] if rows is not None else -1
             if param is None:
                 raise KeyError(f"checkpoint tensor {name} has no place in the model")
             dst = param.data if rows is None else param.data.narrow(0, rows[0], rows[1])
