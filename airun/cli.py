@@ -17,6 +17,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--max-model-len", type=int, default=None, help="context window allowed (prompt + max_tokens)")
     g.add_argument("--kv-cache-memory-gb", type=float, default=None, help="KV-cache memory budget in GiB (default 2)")
+    g.add_argument("--kv-cache-prefault", action=argparse.BooleanOptionalAction, default=None,
+                   help="commit the whole KV budget in memory at start, so an overcommitted host fails at start "
+                   "rather than under load (default: on for serve, off for one-shot commands)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once")
     g.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget of one step")
@@ -66,6 +69,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         device=ns.device,
         max_model_len=ns.max_model_len,
         kv_cache_memory_gb=ns.kv_cache_memory_gb,
+        kv_cache_prefault=bool(ns.kv_cache_prefault),
         block_size=ns.block_size,
         max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens,

@@ -14,7 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 
@@ -131,3 +133,18 @@ def live_server_url(settings: ServerSettings | None = None) -> Iterator[str]:
     """The base URL of a live server on the demo model (for tests that only speak HTTP)."""
     with live_server(settings=settings) as srv:
         yield srv.url
+
+
+def strip_request_id(message: str, request_id: str) -> str:
+    """``message`` without its Workers AI `` (<request id>)`` suffix, which must be there and name ``request_id``."""
+    suffix = f" ({request_id})"
+    assert request_id and message.endswith(suffix), (message, request_id)
+    return message[: -len(suffix)]
+
+
+def without_request_id(response: httpx.Response) -> dict[str, Any]:
+    """``response``'s error envelope with each message's request-id suffix checked against ``x-request-id`` and cut."""
+    body: dict[str, Any] = response.json()
+    rid = response.headers["x-request-id"]
+    body["errors"] = [{**e, "message": strip_request_id(e["message"], rid)} for e in body["errors"]]
+    return body

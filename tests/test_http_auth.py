@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from airun.server.settings import ServerSettings
-from tests.http_fixtures import LiveServer, live_server, small_engine_args
+from tests.http_fixtures import LiveServer, live_server, small_engine_args, without_request_id
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def bearer(token: str) -> dict[str, str]:
 
 def assert_refused(r: httpx.Response) -> None:
     assert r.status_code == 401, r.text
-    assert r.json() == UNAUTHORIZED
+    assert without_request_id(r) == UNAUTHORIZED
     assert r.headers["x-request-id"]
 
 
@@ -104,7 +104,7 @@ def test_openai_sdk_sends_its_key_as_bearer(srv: LiveServer) -> None:
     bad = openai.OpenAI(base_url=srv.url + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as err:
         bad.models.list()
-    assert err.value.response.json() == UNAUTHORIZED
+    assert without_request_id(err.value.response) == UNAUTHORIZED
 
 
 def test_cloudflare_sdk_with_token(srv: LiveServer) -> None:

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.fixtures_text import demo_gguf_path
-from tests.http_fixtures import LiveServer, live_server
+from tests.http_fixtures import LiveServer, live_server, without_request_id
 
 pytestmark = pytest.mark.slow
 
@@ -148,7 +148,7 @@ def test_model_aliases_and_the_account_route(srv: LiveServer) -> None:
 
 
 def envelope_error(exc: openai.APIStatusError) -> dict[str, Any]:
-    body = exc.response.json()
+    body = without_request_id(exc.response)
     assert body["success"] is False and body["result"] is None and len(body["errors"]) == 1
     return body["errors"][0]
 

@@ -17,7 +17,7 @@ import pytest
 
 from airun.server.sse import PADDING_ALPHABET
 from tests.fixtures_text import demo_gguf_path
-from tests.http_fixtures import LiveServer, live_server
+from tests.http_fixtures import LiveServer, live_server, without_request_id
 
 pytestmark = pytest.mark.slow
 
@@ -267,4 +267,5 @@ def test_cloudflare_sdk(srv: LiveServer) -> None:
     with pytest.raises(cloudflare.BadRequestError) as err:
         client.ai.run("@hf/nobody/nothing", account_id="acc", prompt="x")
     assert err.value.status_code == 400
-    assert err.value.body["errors"] == [{"code": 5007, "message": "No such model @hf/nobody/nothing or task"}]
+    assert without_request_id(err.value.response)["errors"] == [
+        {"code": 5007, "message": "No such model @hf/nobody/nothing or task"}]

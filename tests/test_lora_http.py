@@ -14,7 +14,7 @@ import pytest
 
 from airun.server.settings import ServerSettings
 from tests.fixtures_text import mistral_spm_model_path
-from tests.http_fixtures import LiveServer, live_server, small_engine_args
+from tests.http_fixtures import LiveServer, live_server, small_engine_args, strip_request_id
 from tests.lora_fixtures import hf_greedy, load_peft_model, make_peft_adapter
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def error(r: httpx.Response, status: int, code: int) -> str:
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
     assert body["success"] is False and body["result"] is None and body["errors"][0]["code"] == code, body
-    return body["errors"][0]["message"]
+    return strip_request_id(body["errors"][0]["message"], r.headers["x-request-id"])
 
 
 def run(srv: LiveServer, body: dict[str, Any]) -> httpx.Response:

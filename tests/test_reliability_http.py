@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from airun.engine.llm_engine import LLMEngine
-from tests.http_fixtures import LiveServer, live_server
+from tests.http_fixtures import LiveServer, live_server, strip_request_id
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,8 @@ def body(prompt: str, max_tokens: int = 12, **kw: Any) -> dict[str, Any]:
 def envelope_error(r: httpx.Response) -> tuple[int, int, str]:
     data = r.json()
     assert data["success"] is False and data["result"] is None
-    return r.status_code, data["errors"][0]["code"], data["errors"][0]["message"]
+    message = strip_request_id(data["errors"][0]["message"], r.headers["x-request-id"])
+    return r.status_code, data["errors"][0]["code"], message
 
 
 def sse_events(text: str) -> list[Any]:
@@ -183,8 +184,9 @@ def test_timeout_stream_sends_tokens_then_error_then_done(fresh: LiveServer) -> 
     assert r.status_code == 200
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
-    assert events[-2] == {"result": None, "success": False, "errors": [{"code": 3007, "message": "Request timeout"}],
-                          "messages": []}
+    rid = r.headers["x-request-id"]
+    assert events[-2] == {"result": None, "success": False, "messages": [],
+                          "errors": [{"code": 3007, "message": f"Request timeout ({rid})"}]}
     tokens = [e for e in events[:-2] if e.get("response")]
     assert len(tokens) >= 1 and all("errors" not in e for e in events[:-2])
 
@@ -215,7 +217,8 @@ def test_model_step_fault_fails_in_flight_then_recovers(fresh: LiveServer) -> No
     if s.status_code == 200:  # the stream had started: an error frame, then [DONE]
         events = sse_events(s.text)
         assert events[-1] == "[DONE]"
-        assert events[-2]["errors"] == [{"code": 3001, "message": "Internal server error"}]
+        rid = s.headers["x-request-id"]
+        assert events[-2]["errors"] == [{"code": 3001, "message": f"Internal server error ({rid})"}]
     else:
         assert envelope_error(s) == (500, 3001, "Internal server error")
     stats = srv.wait_idle(2.0)

@@ -24,7 +24,7 @@ from airun.server.app import create_app
 from airun.server.lifecycle import DrainingServer
 from airun.server.settings import ServerSettings
 from tests.fixtures_text import demo_gguf_path
-from tests.http_fixtures import _free_socket, live_server, small_engine_args
+from tests.http_fixtures import _free_socket, live_server, small_engine_args, without_request_id
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_sigterm_drains_and_exits_zero() -> None:
 
         texts, refused, health = asyncio.run(scenario())
         assert refused.status_code == 503
-        assert refused.json()["errors"] == [{"code": 3040, "message": "Capacity temporarily exceeded, please try again."}]
+        assert without_request_id(refused)["errors"] == [{"code": 3040, "message": "Capacity temporarily exceeded, please try again."}]
         assert health.status_code == 503 and health.json() == {"status": "draining"}
         for text in texts:  # each ended properly: a usage frame, then [DONE]
             frames = [f for f in text.split("\n\n") if f]

@@ -21,7 +21,7 @@ import airun
 from airun.errors import InvalidRequestError
 from airun.server.settings import ServerSettings
 from airun.text.chat_template import ChatMessage, render_chat_template
-from tests.http_fixtures import LiveServer, live_server, small_engine_args
+from tests.http_fixtures import LiveServer, live_server, small_engine_args, without_request_id
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-Token-42"
@@ -61,7 +61,7 @@ def test_tokens_missing_wrong_or_differently_cased(world: tuple[LiveServer, Path
                     {"authorization": f"Bearer {TOKEN}x"}, {"authorization": f"Bearer {TOKEN[:-1]}"}):
         r = httpx.post(srv.run_url(), json=payload, headers=headers, timeout=30)
         assert err(r) == (401, 10000), headers
-        assert r.json()["errors"][0]["message"] == "Authentication error"
+        assert without_request_id(r)["errors"][0]["message"] == "Authentication error"
     assert httpx.post(srv.run_url(), json=payload, headers=AUTH, timeout=60).status_code == 200
     assert httpx.post(srv.run_url(), json=payload, headers={"authorization": f"bearer {TOKEN}"},
                       timeout=60).status_code == 200  # the scheme is case-insensitive, the token is not

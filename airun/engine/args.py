@@ -19,6 +19,7 @@ class EngineArgs:
     device: str = "auto"  # auto | cpu | cuda
     max_model_len: int | None = None  # context window allowed (prompt + max_tokens); default: the model's, capped
     kv_cache_memory_gb: float | None = None  # KV-cache budget; default: see kv_budget_bytes()
+    kv_cache_prefault: bool = False  # commit the whole KV budget at start (a server's RSS then stays flat)
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024

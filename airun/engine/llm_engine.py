@@ -99,7 +99,8 @@ class LLMEngine:
             self.max_model_len = capacity
         self.kv = KVCacheManager(num_blocks, args.block_size, args.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, args.max_num_seqs, args.max_num_batched_tokens, self._loras_per_step())
-        self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device,
+                                  prefault=args.kv_cache_prefault)
         self.runner.lora = self.lora
         self.requests: dict[str, _Request] = {}
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)

@@ -21,14 +21,18 @@ def kv_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> 
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
-def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, prefault: bool = False) -> torch.Tensor:
     """A zero tensor whose CPU memory is committed page by page on first write (an anonymous mapping), so an unused
-    KV budget costs no resident memory. Zeros, not garbage: attention multiplies masked-out values by 0."""
+    KV budget costs no resident memory; ``prefault`` writes every page now instead. Zeros, not garbage: attention
+    multiplies masked-out values by 0."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
     buf = mmap.mmap(-1, max(nbytes, 1))
-    return torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
+    t = torch.frombuffer(buf, dtype=dtype, count=math.prod(shape)).view(shape)
+    if prefault:
+        t.zero_()
+    return t
 
 
 class ModelRunner:
@@ -39,14 +43,15 @@ class ModelRunner:
     tensors bound to layer i's attention module.
     """
 
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 prefault: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         cfg = model.config
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_caches = [zeros_lazy(shape, dtype, device) for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [zeros_lazy(shape, dtype, device) for _ in range(cfg.num_hidden_layers)]
+        self.k_caches = [zeros_lazy(shape, dtype, device, prefault) for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [zeros_lazy(shape, dtype, device, prefault) for _ in range(cfg.num_hidden_layers)]
         for layer, k, v in zip(model.model.layers, self.k_caches, self.v_caches):
             layer.self_attn.k_cache = k
             layer.self_attn.v_cache = v

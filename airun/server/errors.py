@@ -2,8 +2,9 @@
 
 Invariants: every error response carries the envelope ``{"result": null, "success": false, "errors": [{code,
 message}], "messages": []}`` and an HTTP status >= 400 (never 200); anything a client sent maps to a 4xx, and only an
-unexpected exception gives 500/3001. Messages follow the table of the Workers AI API reference; the ``AiError:``
-messages of model errors end with `` (<request id>)``.
+unexpected exception gives 500/3001. Messages follow the table of the Workers AI API reference, and every message a
+client receives (envelope or stream error frame) ends with Workers AI's `` (<request id>)`` suffix, the id of the
+response's ``x-request-id`` header.
 """
 
 from __future__ import annotations
@@ -30,9 +31,16 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
 
+    def payload(self, request_id: str | None) -> dict[str, Any]:
+        """The error envelope as sent to the client, its message suffixed with ``request_id``."""
+        return error_envelope(self.code, with_request_id(self.message, request_id))
+
 
 def with_request_id(message: str, request_id: str | None) -> str:
-    return f"{message} ({request_id})" if request_id else message
+    """``message (request_id)``; idempotent, so an id added early is never doubled."""
+    if not request_id or message.endswith(f" ({request_id})"):
+        return message
+    return f"{message} ({request_id})"
 
 
 # ---- the rows of the error table ------------------------------------------------------------------------------------
@@ -103,7 +111,7 @@ def error_response(err: ApiError, request_id: str | None = None) -> JSONResponse
     headers = dict(err.headers)
     if request_id:
         headers["x-request-id"] = request_id
-    return JSONResponse(error_envelope(err.code, err.message), status_code=err.status, headers=headers)
+    return JSONResponse(err.payload(request_id), status_code=err.status, headers=headers)
 
 
 def request_id_of(request: Request) -> str | None:

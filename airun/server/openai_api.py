@@ -22,7 +22,7 @@ from airun.engine.outputs import RequestOutput
 from airun.errors import InvalidRequestError
 from airun.sampling_params import SamplingParams
 from airun.server.body import check_unicode
-from airun.server.errors import ApiError, bad_input, error_envelope, lora_unsupported, request_id_of, unknown_model
+from airun.server.errors import ApiError, bad_input, lora_unsupported, request_id_of, unknown_model
 from airun.server.finetunes import split_lora
 from airun.server.generation import ClientDisconnected, Generation
 from airun.server.inputs import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, PART_JOIN, chat_prompt_ids
@@ -101,9 +101,9 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _stream_error(err: ApiError) -> bytes:
-    payload = error_envelope(err.code, err.message)
-    payload["error"] = {"message": err.message, "type": "server_error", "code": err.code}
+def _stream_error(err: ApiError, request_id: str) -> bytes:
+    payload = err.payload(request_id)
+    payload["error"] = {"message": payload["errors"][0]["message"], "type": "server_error", "code": err.code}
     return frame(payload)
 
 
@@ -124,7 +124,7 @@ async def _frames(gen: Generation, first: RequestOutput, chunk: Callable[..., di
                     yield DONE_FRAME
                     return
         except ApiError as err:  # headers are gone: the failure travels as a last frame, then [DONE]
-            yield _stream_error(err)
+            yield _stream_error(err, gen.request_id)
             yield DONE_FRAME
 
 

@@ -116,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     engine_args = engine_args_from(args)
+    if args.kv_cache_prefault is None:  # a server commits its KV budget up front: its RSS then stays flat under load
+        engine_args.kv_cache_prefault = True
     failed: list[BaseException] = []
     server: DrainingServer | None = None
 

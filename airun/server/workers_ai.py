@@ -22,7 +22,6 @@ from airun.server.catalog import catalog_entry, search
 from airun.server.errors import (
     ApiError,
     envelope,
-    error_envelope,
     invalid_input,
     lora_unsupported,
     not_found,
@@ -92,7 +91,7 @@ async def _frames(gen: Generation, first: RequestOutput) -> AsyncIterator[bytes]
                     yield DONE_FRAME
                     return
         except ApiError as err:  # headers are gone: the failure travels as a last frame, then [DONE]
-            yield frame(error_envelope(err.code, err.message))
+            yield frame(err.payload(gen.request_id))
             yield DONE_FRAME
 
 
