@@ -18,7 +18,7 @@ import torch
 
 from airun.engine.args import EngineArgs, default_threads
 from airun.engine.kv_manager import KVCacheManager
-from airun.engine.model_runner import ModelRunner, kv_bytes_per_block
+from airun.engine.model_runner import ModelRunner, kv_bytes_per_block, limit_onednn_primitive_cache
 from airun.engine.outputs import EngineStats, RequestOutput
 from airun.engine.scheduler import Scheduler
 from airun.engine.sequence import FinishReason, Sequence
@@ -59,6 +59,7 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         torch.set_num_threads(args.threads or default_threads())
+        limit_onednn_primitive_cache()
         self.device = args.resolve_device()
         self.dtype = args.resolve_dtype(self.device)
         t0 = time.monotonic()

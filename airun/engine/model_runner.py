@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from collections.abc import Sequence as Seq
 
 import torch
@@ -33,6 +34,18 @@ def zeros_lazy(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
     if prefault:
         t.zero_()
     return t
+
+
+ONEDNN_PRIMITIVE_CACHE_CAPACITY = 64
+
+
+def limit_onednn_primitive_cache(capacity: int = ONEDNN_PRIMITIVE_CACHE_CAPACITY) -> None:
+    """Caps oneDNN's primitive cache (default 1,024 entries) unless the user set it. Every distinct matmul shape
+    (batch rows, context length) creates a primitive that holds its own scratch memory; under continuous batching the
+    shapes keep changing, and a full default cache held ~300 MiB more RSS on the demo model at 32 concurrent requests,
+    growing over a server's life, for no measured speed gain over 32-64 entries. oneDNN reads the variable when it
+    first creates a primitive, so this must run before the process's first CPU matmul in bf16."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 
 
 class ModelRunner:
@@ -98,19 +111,21 @@ class ModelRunner:
         if decode:
             ctx = torch.tensor([s.seq.num_computed_tokens + 1 for s in decode], dtype=torch.int64, device=dev)
             max_ctx = int(max(s.seq.num_computed_tokens + 1 for s in decode))
-            nb = (max_ctx + bs - 1) // bs
+            nb = (max_ctx + bs - 1) // bs  # keys padded to whole blocks: few distinct shapes, masked beyond ctx
             meta.decode_block_tables = self._block_tables([s.seq for s in decode], nb)
-            meta.decode_mask = (torch.arange(max_ctx, device=dev)[None, :] < ctx[:, None]).view(len(decode), 1, 1, -1)
+            meta.decode_mask = (torch.arange(nb * bs, device=dev)[None, :] < ctx[:, None]).view(len(decode), 1, 1, -1)
         if prefill:
             mq = max(s.num_new_tokens for s in prefill)
             ends = [s.seq.num_computed_tokens + s.num_new_tokens for s in prefill]
-            max_ctx = max(ends)
-            nb = (max_ctx + bs - 1) // bs
-            meta.prefill_block_tables = self._block_tables([s.seq for s in prefill], nb)
-            starts = torch.tensor([s.seq.num_computed_tokens for s in prefill], dtype=torch.int64, device=dev)
-            qpos = starts[:, None] + torch.arange(mq, device=dev)[None, :]  # [P, mq] absolute query positions
-            meta.prefill_mask = (torch.arange(max_ctx, device=dev)[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
             meta.prefill_num_seqs = len(prefill)
+            meta.prefill_causal = all(s.seq.num_computed_tokens == 0 for s in prefill)
+            if not meta.prefill_causal:  # keys come from the cache, padded to whole blocks and masked
+                nb = (max(ends) + bs - 1) // bs
+                meta.prefill_block_tables = self._block_tables([s.seq for s in prefill], nb)
+                starts = torch.tensor([s.seq.num_computed_tokens for s in prefill], dtype=torch.int64, device=dev)
+                qpos = starts[:, None] + torch.arange(mq, device=dev)[None, :]  # [P, mq] absolute query positions
+                keys = torch.arange(nb * bs, device=dev)
+                meta.prefill_mask = (keys[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
             meta.prefill_max_q = mq
             pad = [b * mq + i for b, s in enumerate(prefill) for i in range(s.num_new_tokens)]
             meta.prefill_pad_index = torch.tensor(pad, dtype=torch.int64, device=dev)

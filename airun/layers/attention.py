@@ -19,6 +19,8 @@ class AttentionMetadata:
       written before attention reads them, so a token attends to itself.
     - For a sequence whose chunk ends at absolute position ``p`` (its context length is ``p + 1``), every key at
       positions ``<= p`` is in its block table.
+    - ``prefill_causal`` implies every prefill chunk starts at position 0, so causal attention over the step's own
+      k/v equals attention over the cache under ``prefill_mask``.
     """
 
     slot_mapping: torch.Tensor  # [T] int64
@@ -31,6 +33,7 @@ class AttentionMetadata:
     prefill_pad_index: torch.Tensor | None  # [num_prefill_tokens] int64: row of each prefill token in [P * max_q]
     prefill_num_seqs: int = 0
     prefill_max_q: int = 0
+    prefill_causal: bool = False  # every prefill chunk starts at position 0: its keys are exactly its own tokens
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -39,6 +42,13 @@ def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, ctx: int) -> tor
     g = cache[block_tables]  # [B, max_blocks, block_size, kvh, d]
     g = g.view(b, -1, cache.shape[2], cache.shape[3])[:, :ctx]
     return g.transpose(1, 2)
+
+
+def _gather_prefill_kv(k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    assert meta.prefill_mask is not None and meta.prefill_block_tables is not None
+    ctx = meta.prefill_mask.shape[-1]
+    return _gather_kv(k_cache, meta.prefill_block_tables, ctx), _gather_kv(v_cache, meta.prefill_block_tables, ctx)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,20 +89,27 @@ def paged_attention(
         outs.append(od.reshape(nd, h * d))
     if meta.num_prefill_tokens:
         pn, mq = meta.prefill_num_seqs, meta.prefill_max_q
-        ctx = meta.prefill_mask.shape[-1]
-        kp = _gather_kv(k_cache, meta.prefill_block_tables, ctx)
-        vp = _gather_kv(v_cache, meta.prefill_block_tables, ctx)
         qp_flat = q[nd:]
         if pn == 1:
             qp = qp_flat.view(1, mq, h, d)
         else:
             qp = qp_flat.new_zeros(pn * mq, h, d).index_copy_(0, meta.prefill_pad_index, qp_flat).view(pn, mq, h, d)
         qp = qp.permute(0, 2, 1, 3)  # [P, H, Q, d]
-        if mq >= 64:
+        if meta.prefill_causal:  # no gather, no mask: the kernel skips the blocks above the diagonal
+            kc, vc = k[nd:], v[nd:]
+            if pn > 1:  # padded rows of a shorter prompt are never visible to its real rows (keys <= query)
+                kc = kc.new_zeros(pn * mq, kvh, d).index_copy_(0, meta.prefill_pad_index, kc)
+                vc = vc.new_zeros(pn * mq, kvh, d).index_copy_(0, meta.prefill_pad_index, vc)
+            kc = kc.view(pn, mq, kvh, d).transpose(1, 2)
+            vc = vc.view(pn, mq, kvh, d).transpose(1, 2)
+            op = F.scaled_dot_product_attention(qp, kc, vc, is_causal=True, scale=scale, enable_gqa=g > 1)
+        elif mq >= 64:
+            kp, vp = _gather_prefill_kv(k_cache, v_cache, meta)
             kr = kp.repeat_interleave(g, dim=1) if g > 1 else kp
             vr = vp.repeat_interleave(g, dim=1) if g > 1 else vp
             op = F.scaled_dot_product_attention(qp, kr, vr, attn_mask=meta.prefill_mask, scale=scale)
         else:
+            kp, vp = _gather_prefill_kv(k_cache, v_cache, meta)
             op = _attend(qp.reshape(pn, kvh, g, mq, d), kp, vp, meta.prefill_mask, scale).view(pn, h, mq, d)
         op = op.permute(0, 2, 1, 3).reshape(pn * mq, h * d)
         outs.append(op if pn == 1 else op.index_select(0, meta.prefill_pad_index))
