@@ -76,9 +76,12 @@ class AsyncEngine:
             raise EngineDeadError(self.dead_reason or "the engine has stopped")
         rid = request_id or uuid.uuid4().hex
         self.engine.validate_request(prompt_token_ids, sampling)
+        adapter = None
+        if lora is not None:  # read from disk here, on a worker thread: the step loop never waits on a file
+            lora, adapter = await asyncio.to_thread(self.engine.acquire_lora, lora)
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._streams[rid] = stream
-        self._commands.put(("add", rid, list(prompt_token_ids), sampling, lora))
+        self._commands.put(("add", rid, list(prompt_token_ids), sampling, lora, adapter))
         finished = False
         try:
             while True:
@@ -142,11 +145,11 @@ class AsyncEngine:
     def _handle(self, cmd: tuple) -> None:
         kind = cmd[0]
         if kind == "add":
-            _, rid, ids, sampling, lora = cmd
+            _, rid, ids, sampling, lora, adapter = cmd
             if rid not in self._streams:  # the consumer already went away
                 return
             try:
-                self.engine.add_request(rid, ids, sampling, cache_key=lora)
+                self.engine.add_request(rid, ids, sampling, cache_key=lora, adapter=adapter)
             except Exception as exc:
                 self._post(rid, exc)
         elif kind == "abort":

@@ -134,9 +134,10 @@ class LLMEngine:
             return cap
         return min(cap, self.args.max_loras) if cap else self.args.max_loras
 
-    def _acquire_lora(self, lora: str) -> tuple[str, LoRAAdapter]:
-        """(cache key, LoRAAdapter) of a request's ``lora``. Raises LoRANotSupportedError (5005),
-        FinetuneNotFoundError (3037), FinetuneMissingFilesError (3039) or InvalidAdapterError."""
+    def acquire_lora(self, lora: str) -> tuple[str, LoRAAdapter]:
+        """(cache key, LoRAAdapter) of a request's ``lora``, read from disk on first use; safe on any thread. Raises
+        LoRANotSupportedError (5005), FinetuneNotFoundError (3037), FinetuneMissingFilesError (3039) or
+        InvalidAdapterError."""
         if self.lora is None or self.lora_resolver is None:
             raise LoRANotSupportedError(self.source.name)
         key, path = self.lora_resolver.resolve(lora)
@@ -159,15 +160,21 @@ class LLMEngine:
             raise ContextLengthError(total, self.max_model_len, detail)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, cache_key: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        cache_key: str | None = None,
+        adapter: LoRAAdapter | None = None,
     ) -> None:
-        """Validates and queues a request. Raises InvalidRequestError / ContextLengthError; queues nothing then."""
+        """Validates and queues a request. ``cache_key`` is a LoRA adapter's name or fine-tune id, or with ``adapter``
+        (from :meth:`acquire_lora`) its content key. Raises InvalidRequestError / ContextLengthError (and the errors
+        of :meth:`acquire_lora`); queues nothing then."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self.validate_request(prompt_token_ids, sampling)
-        adapter = None
-        if cache_key is not None:  # a LoRA adapter's name or fine-tune id -> its content key, loaded on first use
-            cache_key, adapter = self._acquire_lora(cache_key)
+        if cache_key is not None and adapter is None:  # a name or fine-tune id -> its content key, loaded on first use
+            cache_key, adapter = self.acquire_lora(cache_key)
         if sampling.seed is None:
             sampling.seed = secrets.randbits(63)
         seq = Sequence(request_id, list(prompt_token_ids), sampling, cache_key=cache_key)

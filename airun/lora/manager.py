@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -28,7 +29,8 @@ class LoRAManager:
       and the scheduler caps their number at ``max_loras``, so an adapter in use is never evicted.
     - host copies: ``_live`` finds any adapter object still referenced (requests hold theirs until they end) and
       ``_recent`` keeps the ``max_cpu_loras`` most recently acquired ones alive, so a key is loaded from disk only when
-      no copy of it is left.
+      no copy of it is left. :meth:`acquire` may run on any thread (the async engine loads adapters off the step
+      loop); the host-copy maps are guarded by ``_host_lock``, the slots are touched only by the engine thread.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class LoRAManager:
         self._slot_targets: dict[int, frozenset[str]] = {}
         self._live: weakref.WeakValueDictionary[str, LoRAAdapter] = weakref.WeakValueDictionary()
         self._recent: OrderedDict[str, LoRAAdapter] = OrderedDict()
+        self._host_lock = threading.Lock()
         self.num_loads = 0  # adapters read from disk
         self.num_evictions = 0
 
@@ -62,17 +65,22 @@ class LoRAManager:
     def acquire(self, key: str, path: Path) -> LoRAAdapter:
         """The adapter named ``key`` (content of the folder ``path``), read and validated on first use. The caller holds
         the returned object until its request ends. Raises InvalidAdapterError / FinetuneMissingFilesError."""
-        adapter = self._live.get(key)
-        if adapter is None:
-            adapter = load_adapter(Path(path), self.cfg, key, self.max_rank, self.max_bytes)
-            self._live[key] = adapter
-            self.num_loads += 1
-            log.info("loaded LoRA adapter %s from %s (r=%d, %d projections)", key, path, adapter.config.r,
-                     len(adapter.weights))
-        self._recent[key] = adapter
-        self._recent.move_to_end(key)
-        while len(self._recent) > self.max_cpu_loras:
-            self._recent.popitem(last=False)
+        with self._host_lock:
+            adapter = self._live.get(key)
+        if adapter is None:  # read outside the lock: two first uses of one key may both read it; one copy is kept
+            loaded = load_adapter(Path(path), self.cfg, key, self.max_rank, self.max_bytes)
+            with self._host_lock:
+                adapter = self._live.get(key)
+                if adapter is None:
+                    adapter = self._live[key] = loaded
+                    self.num_loads += 1
+                    log.info("loaded LoRA adapter %s from %s (r=%d, %d projections)", key, path, loaded.config.r,
+                             len(loaded.weights))
+        with self._host_lock:
+            self._recent[key] = adapter
+            self._recent.move_to_end(key)
+            while len(self._recent) > self.max_cpu_loras:
+                self._recent.popitem(last=False)
         return adapter
 
     # ---- slots ----------------------------------------------------------------------------------------------------
