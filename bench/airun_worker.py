@@ -30,6 +30,13 @@ def run(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> tuple[f
     return time.perf_counter() - t0, n, sum(first.values()) / max(1, len(first))
 
 
+def bench_prompts(engine: LLMEngine, n: int) -> dict[str, list]:
+    """The benchmark's prompts as token ids: ``n`` chat-templated story requests and a 1,000-token raw text."""
+    tok = engine.tokenizer
+    chat = [tok.apply_chat_template([{"role": "user", "content": q}]) for q in topics(n)]
+    return {"chat": chat, "long": tok.encode(long_prompt_text())[:1000]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
@@ -38,6 +45,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--prompts", default=None, help="JSON {chat: [[ids]...], long: [ids]} (default: built here)")
     a = ap.parse_args()
     kw = dict(model=a.model, dtype=a.dtype, threads=a.threads, show_progress=False, max_num_batched_tokens=1024)
     if a.quantize:
@@ -45,20 +53,20 @@ def main() -> None:
     t = time.perf_counter()
     engine = LLMEngine(EngineArgs(**kw))
     load_s = time.perf_counter() - t
-    tok = engine.tokenizer
-    chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}])  # noqa: E731
-    run(engine, [chat("Hello")], 8)  # warm-up
+    conc = [int(x) for x in a.concurrency.split(",")]
+    prompts = json.load(open(a.prompts)) if a.prompts else bench_prompts(engine, max(conc))
+    run(engine, [prompts["chat"][0][:8]], 8)  # warm-up
     res: dict = {"engine": "airun", "dtype": a.dtype, "quantize": a.quantize, "load_s": round(load_s, 2)}
-    secs, n, _ = run(engine, [chat(topics(1)[0])], a.max_tokens)
+    secs, n, _ = run(engine, [prompts["chat"][0]], a.max_tokens)
     res["decode_tok_s"] = round(n / secs, 1)
-    long_ids = tok.encode(long_prompt_text())[:1000]
+    long_ids = prompts["long"]
     engine.args.enable_prefix_caching = False
     engine.kv.enable_prefix_caching = False  # a fair prefill: nothing reused from earlier runs
     secs, _, ttft = run(engine, [long_ids], 1)
     res["prefill_tokens"] = len(long_ids)
     res["prefill_tok_s"] = round(len(long_ids) / ttft, 1)
-    for c in [int(x) for x in a.concurrency.split(",")]:
-        secs, n, ttft = run(engine, [chat(p) for p in topics(c)], a.max_tokens)
+    for c in conc:
+        secs, n, ttft = run(engine, prompts["chat"][:c], a.max_tokens)
         res[f"agg_tok_s_{c}"] = round(n / secs, 1)
         res[f"ttft_s_{c}"] = round(ttft, 3)
     res["peak_rss_mib"] = peak_rss_mib()

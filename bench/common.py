@@ -20,11 +20,14 @@ def long_prompt_text(n_words: int = 900) -> str:
     return " ".join(words[(i * 7) % len(words)] for i in range(n_words))
 
 
-def run_child(args: list[str], env: dict[str, str] | None = None, timeout: float = 1800) -> dict:
-    """Runs ``python args...`` in a fresh process; its last stdout line is JSON (the child reports its own peak RSS)."""
+def run_child(args: list[str], env: dict[str, str] | None = None, timeout: float = 1800,
+              python: str | None = None) -> dict:
+    """Runs ``python args...`` (this interpreter unless ``python`` names another) in a fresh process; its last stdout
+    line is JSON (the child reports its own peak RSS)."""
     e = dict(os.environ)
     e.update(env or {})
-    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
+    exe = python or sys.executable
+    proc = subprocess.run([exe, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -131,7 +131,9 @@ class AsyncEngine:
                     except Exception as exc:  # a fault in one batch: fail its requests, reset the KV state, go on
                         log.error("model step failed: %s\n%s", exc, traceback.format_exc())
                         outputs = engine.fail_all(f"{type(exc).__name__}: {exc}")
-                        if self.exit_on_error:  # the operator wants a restart: fail them, then die
+                        if self.exit_on_error:  # the operator wants a restart: dead first, so that a client
+                            self.is_dead = True  # holding its error already sees /health report it
+                            self.dead_reason = f"{type(exc).__name__}: {exc}"
                             self._deliver(outputs)
                             raise
                     self._deliver(outputs)

@@ -1,0 +1,80 @@
+"""airun against llama.cpp on the demo GGUF, in one run, on the same token ids, threads and CPU.
+
+    python bench/bench_peers.py [--threads 2] [--llamacpp-python PATH]
+
+llama.cpp runs through llama-cpp-python's C API (``bench/llamacpp_worker.py``) in its own virtual environment, since
+building it compiles llama.cpp for minutes. Make one once (into the cache, never into the project):
+
+    python -m venv ~/.cache/airun/peers/llamacpp
+    ~/.cache/airun/peers/llamacpp/bin/pip install llama-cpp-python   # compiles llama.cpp for this CPU
+
+Both engines get the same prompts as token ids: story requests in the model's chat template and a 1,000-token raw
+text; greedy decoding, 128 tokens per request, end-of-sequence never chosen. airun runs its default for a GGUF at
+bf16 (the file's Q4_1 weights kept as int4) unless ``--quantize`` says otherwise. Prints a Markdown table and the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import long_prompt_text, ratio, run_child, topics  # noqa: E402
+
+FIELDS = [
+    ("decode_tok_s", "single-stream decode tok/s"),
+    ("prefill_tok_s", "prefill tok/s (1,000-token prompt)"),
+    ("agg_tok_s_1", "aggregate tok/s, 1 request"),
+    ("agg_tok_s_8", "aggregate tok/s, 8 concurrent"),
+    ("agg_tok_s_32", "aggregate tok/s, 32 concurrent"),
+    ("peak_rss_mib", "peak RSS (MiB)"),
+]
+DEFAULT_LLAMACPP_PYTHON = Path.home() / ".cache" / "airun" / "peers" / "llamacpp" / "bin" / "python"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantize", default=None)
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--llamacpp-python", default=os.environ.get("AIRUN_LLAMACPP_PYTHON", str(DEFAULT_LLAMACPP_PYTHON)))
+    a = ap.parse_args()
+    from airun.loader.demo import demo_model_path
+    from airun.text.gguf_tokenizer import load_tokenizer_from_gguf
+
+    gguf = demo_model_path()
+    tok = load_tokenizer_from_gguf(gguf)
+    n = max(int(x) for x in a.concurrency.split(","))
+    prompts = {"chat": [tok.apply_chat_template([{"role": "user", "content": q}]) for q in topics(n)],
+               "long": tok.encode(long_prompt_text())[:1000]}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "prompts.json"
+        path.write_text(json.dumps(prompts))
+        common = ["--threads", str(a.threads), "--prompts", str(path), "--concurrency", a.concurrency]
+        air_args = ["bench/airun_worker.py", "--model", str(gguf), "--dtype", a.dtype, *common]
+        if a.quantize:
+            air_args += ["--quantize", a.quantize]
+        air = run_child(air_args)
+        peer = run_child(["bench/llamacpp_worker.py", "--model", str(gguf), *common], python=a.llamacpp_python)
+    print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads; airun dtype {a.dtype}"
+          + (f", --quantize {a.quantize}" if a.quantize else " (GGUF Q4_1 kept as int4)")
+          + f"; llama.cpp {peer.get('version')} (Q4_1 as stored)")
+    print("| figure | airun | llama.cpp | ratio |")
+    print("|---|---|---|---|")
+    for key, label in FIELDS:
+        p = peer.get(key)
+        r = ratio(p, air.get(key)) if key == "peak_rss_mib" else ratio(air.get(key), p)
+        note = " (llama.cpp / airun)" if key == "peak_rss_mib" else ""
+        print(f"| {label} | {air.get(key)} | {p} | {r}{note} |")
+    print(json.dumps({"airun": air, "llama.cpp": peer}))
+
+
+if __name__ == "__main__":
+    main()
