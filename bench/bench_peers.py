@@ -1,6 +1,6 @@
 """airun against llama.cpp on the demo GGUF, in one run, on the same token ids, threads and CPU.
 
-    python bench/bench_peers.py [--threads 2] [--llamacpp-python PATH]
+    python bench/bench_peers.py [--threads 2] [--llamacpp-python PATH] [--plot bench/peers_concurrency.png]
 
 llama.cpp runs through llama-cpp-python's C API (``bench/llamacpp_worker.py``) in its own virtual environment, since
 building it compiles llama.cpp for minutes. Make one once (into the cache, never into the project):
@@ -10,7 +10,8 @@ building it compiles llama.cpp for minutes. Make one once (into the cache, never
 
 Both engines get the same prompts as token ids: story requests in the model's chat template and a 1,000-token raw
 text; greedy decoding, 128 tokens per request, end-of-sequence never chosen. airun runs its default for a GGUF at
-bf16 (the file's Q4_1 weights kept as int4) unless ``--quantize`` says otherwise. Prints a Markdown table and the JSON.
+bf16 (the file's Q4_1 weights kept as int4) unless ``--quantize`` says otherwise. Prints a Markdown table and the JSON,
+and with ``--plot`` draws aggregate tok/s against concurrency for both (matplotlib: ``pip install -e .[bench]``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantize", default=None)
-    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--concurrency", default="1,2,4,8,16,32")
+    ap.add_argument("--plot", default=None, help="write a PNG of aggregate tok/s against concurrency here")
     ap.add_argument("--llamacpp-python", default=os.environ.get("AIRUN_LLAMACPP_PYTHON", str(DEFAULT_LLAMACPP_PYTHON)))
     a = ap.parse_args()
     from airun.loader.demo import demo_model_path
@@ -74,6 +76,30 @@ def main() -> None:
         note = " (llama.cpp / airun)" if key == "peak_rss_mib" else ""
         print(f"| {label} | {air.get(key)} | {p} | {r}{note} |")
     print(json.dumps({"airun": air, "llama.cpp": peer}))
+    if a.plot:
+        plot(a.plot, [int(x) for x in a.concurrency.split(",")], {"airun": air, "llama.cpp": peer}, a.threads)
+
+
+def plot(path: str, levels: list[int], results: dict[str, dict], threads: int) -> None:
+    """Aggregate tok/s against concurrent requests, one line per engine, log-2 x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, res in results.items():
+        ax.plot(levels, [res.get(f"agg_tok_s_{c}") for c in levels], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [str(c) for c in levels])
+    ax.set_xlabel("concurrent requests (128 output tokens each)")
+    ax.set_ylabel("aggregate tok/s")
+    ax.set_title(f"demo model (SmolLM2-135M Q4_1), {threads} CPU threads")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
