@@ -22,15 +22,18 @@ def long_prompt_text(n_words: int = 900) -> str:
 
 def run_child(args: list[str], env: dict[str, str] | None = None, timeout: float = 1800,
               python: str | None = None) -> dict:
-    """Runs ``python args...`` (this interpreter unless ``python`` names another) in a fresh process; its last stdout
-    line is JSON (the child reports its own peak RSS)."""
+    """Runs ``python args...`` (this interpreter unless ``python`` names another) in a fresh process; returns its last
+    stdout line that is a JSON object (the child reports its own peak RSS)."""
     e = dict(os.environ)
     e.update(env or {})
     exe = python or sys.executable
     proc = subprocess.run([exe, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"{args} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]  # peers may log to stdout after it
+    if not lines:
+        raise RuntimeError(f"{args} printed no JSON:\n{proc.stdout[-2000:]}")
+    return json.loads(lines[-1])
 
 
 def peak_rss_mib() -> float:
