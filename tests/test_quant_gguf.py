@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as Q
 
 from airun.engine.kv_manager import KVCacheManager
 from airun.engine.model_runner import ModelRunner
+from airun.layers.packed import PackedLinear, packing_supported
 from airun.layers.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
 from airun.loader import iter_weights, load_model_config, resolve_source
 from airun.loader.gguf_quant import read_tensor_types, repack_int4, tensor_formats
@@ -176,7 +177,8 @@ def test_mixed_gguf_keeps_native_precision_classes(tmp_path: Path) -> None:
     layer0, layer1 = quant.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, Int8Linear) and isinstance(layer0.mlp.down_proj, Int8Linear)
     assert isinstance(layer0.self_attn.o_proj, Int4Linear) and isinstance(layer0.mlp.gate_up_proj, Int4Linear)
-    assert type(layer1.mlp.gate_up_proj) is torch.nn.Linear and isinstance(quant.lm_head, Int8Linear)
+    dense = PackedLinear if packing_supported(dev, torch.bfloat16) else torch.nn.Linear  # bf16 floats: oneDNN-packed
+    assert type(layer1.mlp.gate_up_proj) is dense and isinstance(quant.lm_head, Int8Linear)
     # Exactly repacked modules differ from the float model only by the bf16 scales; requantized ones by int8 steps.
     for path in plan.formats:
         got = quant.get_submodule(path).dequantize(torch.float64)

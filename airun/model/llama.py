@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from airun.layers.attention import AttentionMetadata, paged_attention
+from airun.layers.packed import pack_linears, packing_supported
 from airun.layers.rotary import RotaryEmbedding
 from airun.model.config import ModelConfig
 
@@ -202,4 +203,6 @@ def build_model(
     model.load_weights(weights)
     if loader is not None:
         loader.finish()
+    if packing_supported(device, dtype):  # bf16 on CPU: weights reordered once for oneDNN, not on every call
+        pack_linears(model)
     return model.eval().requires_grad_(False)

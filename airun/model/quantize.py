@@ -259,9 +259,12 @@ def quantized_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or t.device.type == "meta":
+        if t.device.type == "meta":
             continue
-        seen.add(t.data_ptr())
+        key = id(t) if t.is_mkldnn else t.data_ptr()  # oneDNN-packed weights have no data pointer
+        if key in seen:
+            continue
+        seen.add(key)
         total += t.numel() * t.element_size()
     return total
 
