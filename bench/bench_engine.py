@@ -14,16 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ratio, run_child  # noqa: E402
+from bench.common import FIELDS, ratio, run_child  # noqa: E402
 
-FIELDS = [
-    ("decode_tok_s", "single-stream decode tok/s"),
-    ("prefill_tok_s", "prefill tok/s (1,000-token prompt)"),
-    ("agg_tok_s_1", "aggregate tok/s, 1 request"),
-    ("agg_tok_s_8", "aggregate tok/s, 8 concurrent"),
-    ("agg_tok_s_32", "aggregate tok/s, 32 concurrent"),
-    ("peak_rss_mib", "peak RSS (MiB)"),
-]
 
 
 def main() -> None:

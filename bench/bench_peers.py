@@ -31,16 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import long_prompt_text, ratio, run_child, topics  # noqa: E402
+from bench.common import FIELDS, long_prompt_text, ratio, run_child, topics  # noqa: E402
 
-FIELDS = [
-    ("decode_tok_s", "single-stream decode tok/s"),
-    ("prefill_tok_s", "prefill tok/s (1,000-token prompt)"),
-    ("agg_tok_s_1", "aggregate tok/s, 1 request"),
-    ("agg_tok_s_8", "aggregate tok/s, 8 concurrent"),
-    ("agg_tok_s_32", "aggregate tok/s, 32 concurrent"),
-    ("peak_rss_mib", "peak RSS (MiB)"),
-]
 PEERS = Path.home() / ".cache" / "airun" / "peers"
 DEFAULT_LLAMACPP_PYTHON = PEERS / "llamacpp" / "bin" / "python"
 DEFAULT_VLLM_PYTHON = PEERS / "vllm" / "bin" / "python"

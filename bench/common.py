@@ -11,6 +11,15 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
+# The figures every engine worker reports (JSON keys) and their table labels.
+FIELDS = [
+    ("decode_tok_s", "single-stream decode tok/s"),
+    ("prefill_tok_s", "prefill tok/s (1,000-token prompt)"),
+    ("agg_tok_s_1", "aggregate tok/s, 1 request"),
+    ("agg_tok_s_8", "aggregate tok/s, 8 concurrent"),
+    ("agg_tok_s_32", "aggregate tok/s, 32 concurrent"),
+    ("peak_rss_mib", "peak RSS (MiB)"),
+]
 
 
 def long_prompt_text(n_words: int = 900) -> str:
