@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import long_prompt_text, peak_rss_mib, topics  # noqa: E402
+from bench.common import long_prompt_text, measure, topics  # noqa: E402
 from airun.engine.args import EngineArgs  # noqa: E402
 from airun.engine.llm_engine import LLMEngine  # noqa: E402
 from airun.sampling_params import SamplingParams  # noqa: E402
@@ -55,21 +55,10 @@ def main() -> None:
     load_s = time.perf_counter() - t
     conc = [int(x) for x in a.concurrency.split(",")]
     prompts = json.load(open(a.prompts)) if a.prompts else bench_prompts(engine, max(conc))
-    run(engine, [prompts["chat"][0][:8]], 8)  # warm-up
-    res: dict = {"engine": "airun", "dtype": a.dtype, "quantize": a.quantize, "load_s": round(load_s, 2)}
-    secs, n, _ = run(engine, [prompts["chat"][0]], a.max_tokens)
-    res["decode_tok_s"] = round(n / secs, 1)
-    long_ids = prompts["long"]
     engine.args.enable_prefix_caching = False
-    engine.kv.enable_prefix_caching = False  # a fair prefill: nothing reused from earlier runs
-    secs, _, ttft = run(engine, [long_ids], 1)
-    res["prefill_tokens"] = len(long_ids)
-    res["prefill_tok_s"] = round(len(long_ids) / ttft, 1)
-    for c in conc:
-        secs, n, ttft = run(engine, prompts["chat"][:c], a.max_tokens)
-        res[f"agg_tok_s_{c}"] = round(n / secs, 1)
-        res[f"ttft_s_{c}"] = round(ttft, 3)
-    res["peak_rss_mib"] = peak_rss_mib()
+    engine.kv.enable_prefix_caching = False  # a fair prefill and fair batches: nothing reused from earlier runs
+    res: dict = {"engine": "airun", "dtype": a.dtype, "quantize": a.quantize, "load_s": round(load_s, 2)}
+    res |= measure(lambda ps, n: run(engine, ps, n), prompts, a.max_tokens, conc)
     print(json.dumps(res))
 
 

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmark scripts: subprocess runs with peak-RSS capture, prompts, result tables."""
+"""Shared pieces of the benchmark scripts: subprocess runs with peak-RSS capture, prompts, the measurement protocol
+every engine worker runs, result tables. Standard library only: the peers' workers import it from their own venvs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import resource
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -43,6 +45,30 @@ def run_child(args: list[str], env: dict[str, str] | None = None, timeout: float
     if not lines:
         raise RuntimeError(f"{args} printed no JSON:\n{proc.stdout[-2000:]}")
     return json.loads(lines[-1])
+
+
+Generate = Callable[[list[list[int]], int], tuple[float, int, float | None]]
+
+
+def measure(generate: Generate, prompts: dict[str, list], max_tokens: int, levels: list[int]) -> dict[str, float]:
+    """The engine benchmark's protocol, the same for every engine: ``generate(prompts, n)`` runs the prompts together
+    to ``n`` tokens each and returns (seconds, generated tokens, time to first token or None). A warm-up, single-stream
+    decode of ``prompts["chat"][0]``, prefill of ``prompts["long"]`` (time to its first token), then the first ``c``
+    chat prompts together for each level ``c``; and the process's peak RSS."""
+    generate([prompts["chat"][0][:8]], 8)  # warm-up
+    res: dict[str, float] = {}
+    secs, n, _ = generate([prompts["chat"][0]], max_tokens)
+    res["decode_tok_s"] = round(n / secs, 1)
+    secs, _, ttft = generate([prompts["long"]], 1)
+    res["prefill_tokens"] = len(prompts["long"])
+    res["prefill_tok_s"] = round(len(prompts["long"]) / (ttft if ttft is not None else secs), 1)
+    for c in levels:
+        secs, n, ttft = generate(prompts["chat"][:c], max_tokens)
+        res[f"agg_tok_s_{c}"] = round(n / secs, 1)
+        if ttft is not None:
+            res[f"ttft_s_{c}"] = round(ttft, 3)
+    res["peak_rss_mib"] = peak_rss_mib()
+    return res
 
 
 def peak_rss_mib() -> float:

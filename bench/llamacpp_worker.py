@@ -1,7 +1,7 @@
 """One llama.cpp measurement run (through llama-cpp-python's C API bindings), in its own process and interpreter;
 prints one JSON line. Used by bench_peers.py, which passes the prompts as token ids (the same ids airun runs).
 
-Runs in a virtual environment that has ``llama-cpp-python`` (it imports nothing from airun):
+Runs in a virtual environment that has ``llama-cpp-python`` (it imports nothing from airun; only the standard-library ``bench/common.py``):
 
     python bench/llamacpp_worker.py --model demo.gguf --prompts prompts.json --threads 2
 
@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import resource
+import sys
 import time
+from pathlib import Path
 
 import llama_cpp as ll
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def peak_rss_mib() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+from bench.common import measure  # noqa: E402  (standard library only)
 
 
 class Runner:
@@ -113,17 +114,7 @@ def main() -> None:
     t = time.perf_counter()
     r = Runner(a.model, a.threads, max(conc), n_ctx, n_batch=2048)
     res: dict = {"engine": "llama.cpp", "version": ll.__version__, "load_s": round(time.perf_counter() - t, 2)}
-    r.generate([data["chat"][0][:8]], 8)  # warm-up
-    secs, n, _ = r.generate([data["chat"][0]], a.max_tokens)
-    res["decode_tok_s"] = round(n / secs, 1)
-    _, _, ttft = r.generate([data["long"]], 1)
-    res["prefill_tokens"] = len(data["long"])
-    res["prefill_tok_s"] = round(len(data["long"]) / ttft, 1)
-    for c in conc:
-        secs, n, ttft = r.generate(data["chat"][:c], a.max_tokens)
-        res[f"agg_tok_s_{c}"] = round(n / secs, 1)
-        res[f"ttft_s_{c}"] = round(ttft, 3)
-    res["peak_rss_mib"] = peak_rss_mib()
+    res |= measure(r.generate, data, a.max_tokens, conc)
     print(json.dumps(res))
 
 

