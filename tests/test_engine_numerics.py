@@ -1,4 +1,6 @@
-"""airun's float32 logits and greedy tokens against transformers on a tiny random Mistral with the real tokenizer."""
+"""airun's float32 logits and greedy tokens against transformers on tiny random Mistrals with the real tokenizer: head
+dim 8 (PyTorch's attention and rotary code) and head dim 32 (airun's native decode attention and fused rotary/cache
+write, where :mod:`airun.native` is available)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,18 @@ PROMPTS = [
     "Once upon a time, in a land far, far away, there lived a king who had three daughters and a very old dragon.",
     "1, 2, 3, 4,",
 ]
+
+
+@pytest.fixture(scope="module", params=[8, 32], ids=["head_dim8", "head_dim32"])
+def tiny_mistral_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 query heads, 2 KV heads, 2 layers, rope_theta 1e6, no sliding window, with Mistral's tokenizer."""
+    from tests.fixtures_models import make_tiny_mistral
+    from tests.fixtures_text import make_mistral_tokenizer_dir
+
+    d = make_tiny_mistral(tmp_path_factory.mktemp(f"numerics-{request.param}"), hidden=8 * request.param,
+                          intermediate=16 * request.param)
+    make_mistral_tokenizer_dir(d)
+    return d
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +91,8 @@ def test_greedy_batch_of_different_lengths_is_token_identical(tiny_mistral_dir, 
 
 def test_preemption_and_recompute_keep_greedy_output(tiny_mistral_dir, hf_model, prompt_ids):
     # 12 blocks of 4 tokens (48 tokens, also the context cap) cannot hold four sequences growing by 16 at once.
-    engine = make_engine(tiny_mistral_dir, block_size=4, kv_cache_memory_gb=12 * 2 * 2 * 4 * 2 * 8 * 4 / 2**30)
+    head_dim = hf_model.config.head_dim
+    engine = make_engine(tiny_mistral_dir, block_size=4, kv_cache_memory_gb=12 * 2 * 2 * 4 * 2 * head_dim * 4 / 2**30)
     assert engine.kv.num_blocks == 12
     assert engine.max_model_len == 48
     got = run_all(engine, {str(i): (ids, greedy(16)) for i, ids in enumerate(prompt_ids)})

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from airun.layers.quant import Int4Linear, Int8Linear
+from airun.layers.quant import Int8Linear
+from airun.model.quantize import INT4_MODULES
 from airun.model.quantize import resolve_quant_plan
 from tests.engine_helpers import greedy, make_engine, run_all
 from tests.quant_helpers import engine_logits, perplexity
@@ -48,7 +49,7 @@ def engines(demo_gguf: Path):
 
 def test_quantized_layers_are_in_place(engines) -> None:
     layer = engines["int4"].model.model.layers[0]
-    assert isinstance(layer.self_attn.qkv_proj, Int4Linear) and isinstance(layer.mlp.down_proj, Int4Linear)
+    assert isinstance(layer.self_attn.qkv_proj, INT4_MODULES) and isinstance(layer.mlp.down_proj, INT4_MODULES)
     assert isinstance(engines["int4"].model.lm_head, Int8Linear)
     assert isinstance(engines["int8"].model.model.layers[0].mlp.gate_up_proj, Int8Linear)
     assert engines["float32"].quant_plan is None and engines["bfloat16"].quant_plan is None

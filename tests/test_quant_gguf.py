@@ -19,7 +19,7 @@ from airun.layers.quant import Int4Linear, Int8Linear, quantize_int4, quantize_i
 from airun.loader import iter_weights, load_model_config, resolve_source
 from airun.loader.gguf_quant import read_tensor_types, repack_int4, tensor_formats
 from airun.model.llama import build_model
-from airun.model.quantize import resolve_quant_plan
+from airun.model.quantize import INT4_MODULES, resolve_quant_plan
 from tests.fixtures_models import random_quant_blocks, write_llama_gguf
 from tests.quant_helpers import prompt_logits
 
@@ -176,7 +176,7 @@ def test_mixed_gguf_keeps_native_precision_classes(tmp_path: Path) -> None:
     quant = build_model(cfg, iter_weights(source, cfg, native_quant=True), torch.bfloat16, dev, 256, quant=plan)
     layer0, layer1 = quant.model.layers
     assert isinstance(layer0.self_attn.qkv_proj, Int8Linear) and isinstance(layer0.mlp.down_proj, Int8Linear)
-    assert isinstance(layer0.self_attn.o_proj, Int4Linear) and isinstance(layer0.mlp.gate_up_proj, Int4Linear)
+    assert isinstance(layer0.self_attn.o_proj, INT4_MODULES) and isinstance(layer0.mlp.gate_up_proj, INT4_MODULES)
     dense = PackedLinear if packing_supported(dev, torch.bfloat16) else torch.nn.Linear  # bf16 floats: oneDNN-packed
     assert type(layer1.mlp.gate_up_proj) is dense and isinstance(quant.lm_head, Int8Linear)
     # Exactly repacked modules differ from the float model only by the bf16 scales; requantized ones by int8 steps.

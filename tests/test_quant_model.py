@@ -16,10 +16,11 @@ from airun.cli import build_parser, engine_args_from
 from airun.errors import InvalidRequestError
 from airun.sampling_params import SamplingParams
 from airun.layers import quant
-from airun.layers.quant import Int4Linear, Int8Linear
+from airun.layers.int4_vnni import Int4VnniLinear, unpack_codes
+from airun.layers.quant import Int8Linear
 from airun.loader import iter_weights, load_model_config, resolve_source
 from airun.model.llama import build_model
-from airun.model.quantize import linear_paths, plan_from_float, quantized_bytes, resolve_quant_plan
+from airun.model.quantize import INT4_MODULES, linear_paths, plan_from_float, quantized_bytes, resolve_quant_plan
 from tests.engine_helpers import make_engine
 from tests.quant_helpers import engine_logits
 
@@ -37,15 +38,21 @@ def ref_int8(w: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarr
     return np.round(w / s), lambda q: q * bf16(s)
 
 
-def ref_int4(w: np.ndarray, g: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+def fp16(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+
+def ref_int4(w: np.ndarray, g: int, vnni: bool) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """(codes, codes -> the weight the layer computes with): per group of g, scale = (max - min) / 15,
-    q = round((w - min) / scale) in [0, 15]; the kernel holds scale and zero = min + 8 scale in bfloat16 and computes
-    (q - 8) scale + zero."""
+    q = round((w - min) / scale) in [0, 15]. PyTorch's kernel holds scale and zero = min + 8 scale in bfloat16 and
+    computes (q - 8) scale + zero; airun's VNNI kernel holds scale and min in float16 and computes q scale + min."""
     n, k = w.shape
     x = w.reshape(n, k // g, g).astype(np.float64)
     lo, hi = x.min(axis=2, keepdims=True), x.max(axis=2, keepdims=True)
     s = (hi - lo) / 15
     q = np.clip(np.round((x - lo) / s), 0, 15).reshape(n, k)
+    if vnni:
+        return q, lambda c: (c.reshape(n, k // g, g) * fp16(s) + fp16(lo)).reshape(n, k)
     return q, lambda c: ((c.reshape(n, k // g, g) - 8) * bf16(s) + bf16(lo + 8 * s)).reshape(n, k)
 
 
@@ -97,9 +104,12 @@ def test_quantized_safetensors_model_equals_transformers_with_quantized_weights(
             codes, weight_of = ref_int8(w)
             got = mod.qweight.numpy().astype(np.float64)
         else:
-            assert isinstance(mod, Int4Linear) and mod.group_size == 32, path
-            codes, weight_of = ref_int4(w, 32)
-            got = quant._unpack_cpu(mod.packed, *w.shape, quant.cpu_int4_layout()).numpy().astype(np.float64)
+            assert isinstance(mod, INT4_MODULES) and mod.group_size == 32, path
+            codes, weight_of = ref_int4(w, 32, isinstance(mod, Int4VnniLinear))
+            if isinstance(mod, Int4VnniLinear):
+                got = unpack_codes(mod.packed).numpy().astype(np.float64)
+            else:
+                got = quant._unpack_cpu(mod.packed, *w.shape, quant.cpu_int4_layout()).numpy().astype(np.float64)
         # The same integers as round-to-nearest, but for rare near-ties that float rounding breaks the other way.
         assert np.abs(got - codes).max() <= 1 and np.mean(got == codes) > 0.999, path
         # Scales and zeros as defined: the layer's weight is the definition applied to its codes (up to a bfloat16
@@ -120,7 +130,7 @@ def test_quantized_safetensors_model_equals_transformers_with_quantized_weights(
     # One chunk of 100 rows: the dequantize path, in float32 like the reference.
     big = engine_logits(engine, ids, chunk=100)
     assert (big - ref).abs().max() < 2e-4 * ref.abs().max(), (big - ref).abs().max()
-    # Chunks of 8 rows: the kernels, in bfloat16.
+    # Chunks of 8 rows: the kernels, in bfloat16 (PyTorch's) or on int8 activation levels (airun's VNNI kernel).
     small = engine_logits(engine, ids, chunk=8)
     assert (small - ref).abs().max() < 3e-2 * ref.abs().max(), (small - ref).abs().max()
 
@@ -198,7 +208,7 @@ def test_lora_adapters_wrap_quantized_projections(tiny_mistral_dir: Path, tmp_pa
         tiny_mistral_dir, quantize="int4", threads=1, enable_lora=True, lora_modules={"ad": str(adapter)}
     )
     qkv = engine.model.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv, LoRALinear) and isinstance(qkv.base, Int4Linear)
+    assert isinstance(qkv, LoRALinear) and isinstance(qkv.base, INT4_MODULES)
     ids = [1, 330, 1526, 302, 4843, 349]
     outs = {}
     for key in (None, "ad"):

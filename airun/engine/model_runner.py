@@ -113,6 +113,7 @@ class ModelRunner:
             max_ctx = int(max(s.seq.num_computed_tokens + 1 for s in decode))
             nb = (max_ctx + bs - 1) // bs  # keys padded to whole blocks: few distinct shapes, masked beyond ctx
             meta.decode_block_tables = self._block_tables([s.seq for s in decode], nb)
+            meta.decode_ctx_lens = ctx
             meta.decode_mask = (torch.arange(nb * bs, device=dev)[None, :] < ctx[:, None]).view(len(decode), 1, 1, -1)
         if prefill:
             mq = max(s.num_new_tokens for s in prefill)

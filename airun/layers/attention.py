@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from airun import native
+
 
 @dataclass(slots=True)
 class AttentionMetadata:
@@ -34,6 +36,7 @@ class AttentionMetadata:
     prefill_num_seqs: int = 0
     prefill_max_q: int = 0
     prefill_causal: bool = False  # every prefill chunk starts at position 0: its keys are exactly its own tokens
+    decode_ctx_lens: torch.Tensor | None = None  # [D] int64: context length of each decode token (its position + 1)
 
 
 def _gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -63,6 +66,18 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.matmul(p.view(b, kvh, g * qn, -1), v).view(b, kvh, g, qn, d)
 
 
+def _native_decode(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether airun's C++ decode kernel takes this step (CPU, float32 or bfloat16, head_dim a multiple of 16)."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype in (torch.float32, torch.bfloat16)
+        and q.dtype == k_cache.dtype
+        and q.shape[-1] % 16 == 0
+        and k_cache.is_contiguous()
+        and native.available()
+    )
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,16 +86,22 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    cache_written: bool = False,
 ) -> torch.Tensor:
-    """q [T, H, d], k/v [T, kvh, d] for the step's tokens -> attention output [T, H * d]."""
+    """q [T, H, d], k/v [T, kvh, d] for the step's tokens -> attention output [T, H * d]. Writes k/v into their cache
+    slots first, unless ``cache_written`` says the caller already did."""
     t, h, d = q.shape
     kvh = k.shape[1]
     g = h // kvh
-    k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+    if not cache_written:
+        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
     outs: list[torch.Tensor] = []
     nd = meta.num_decode
-    if nd:
+    if nd and meta.decode_ctx_lens is not None and _native_decode(q, k_cache):
+        outs.append(torch.ops.airun_attn.decode(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                                meta.decode_ctx_lens, scale))
+    elif nd:
         ctx = meta.decode_mask.shape[-1]
         kd = _gather_kv(k_cache, meta.decode_block_tables, ctx)
         vd = _gather_kv(v_cache, meta.decode_block_tables, ctx)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from airun import native
 from airun.layers.attention import AttentionMetadata, paged_attention
 from airun.layers.packed import pack_linears, packing_supported
 from airun.layers.rotary import RotaryEmbedding
@@ -18,13 +19,32 @@ if TYPE_CHECKING:
     from airun.model.quantize import QuantPlan
 
 
+def _fusable(x: torch.Tensor) -> bool:
+    """Whether airun's fused C++ ops (:mod:`airun.native`) take this activation: a contiguous CPU float32 or bfloat16
+    tensor. They compute what the PyTorch code beside each call computes, with the same roundings."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and native.available()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+        """``norm(x)``; with ``residual``, ``(norm(residual + x), residual + x)`` where the sum is written into
+        ``residual`` in place (the layer's residual stream)."""
+        fused = _fusable(x) and x.dim() == 2 and x.shape[-1] % 16 == 0 and self.weight.dtype == x.dtype
+        if residual is not None:
+            if fused and residual.is_contiguous():
+                return torch.ops.airun_fused.add_rms_norm(x, residual, self.weight, self.eps), residual
+            residual = residual + x
+            return self._norm(residual), residual
+        if fused:
+            return torch.ops.airun_fused.rms_norm(x, self.weight, self.eps)
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Match transformers: normalize in float32, scale in the model dtype.
@@ -51,13 +71,17 @@ class Attention(nn.Module):
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         t = x.shape[0]
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q = RotaryEmbedding.apply(q, *rope)
-        k = RotaryEmbedding.apply(k, *rope)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        if _fusable(qkv) and self.head_dim % 32 == 0 and self.k_cache.dim() == 4 and self.k_cache.is_contiguous():
+            # rotary q and k, and the k/v cache write, in one pass
+            q, k = torch.ops.airun_fused.rope_kv(qkv, rope[0], rope[1], self.k_cache, self.v_cache, meta.slot_mapping,
+                                                 self.num_heads, self.num_kv_heads)
+            o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, cache_written=True)
+            return self.o_proj(o)
+        q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = RotaryEmbedding.apply(q.view(t, self.num_heads, self.head_dim), *rope)
+        k = RotaryEmbedding.apply(k.view(t, self.num_kv_heads, self.head_dim), *rope)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(o)
 
@@ -82,9 +106,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(rope, self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mlp output, residual stream before it)``: the layer's output is their sum, which the next norm forms
+        (``x`` is the previous layer's mlp output, or the embeddings with ``residual`` None for the first layer)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta), residual)
+        return self.mlp(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -124,9 +157,12 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer in self.model.layers:
-            x = layer(rope, x, meta)
-        return self.model.norm(x)
+            x, residual = layer(rope, x, residual, meta)
+        if residual is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

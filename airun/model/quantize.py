@@ -19,7 +19,8 @@ batch 8, against 28.3 and 32.1 ms with the weights dequantized to bfloat16; a 51
 
 Embeddings stay in the model dtype in every mode: a lookup reads a few rows, so quantizing them saves memory but no
 time, and other components read ``embed_tokens.weight`` for the model's dtype and device. A module whose shape the int4
-kernel of the device does not take falls back to int8.
+kernel of the device does not take falls back to int8. On CPUs with AVX-512 VNNI, int4 modules use airun's own kernel
+(:class:`~airun.layers.int4_vnni.Int4VnniLinear`), else PyTorch's (:class:`~airun.layers.quant.Int4Linear`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from airun.errors import InvalidRequestError
+from airun.layers.int4_vnni import Int4VnniLinear, vnni_supported
 from airun.layers.quant import (
     Int4Linear,
     Int4Weight,
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("airun.model")
 
 QUANTIZE_CHOICES = ("int8", "int4", "none")
+INT4_MODULES: tuple[type[nn.Module], ...] = (Int4Linear, Int4VnniLinear)  # what an int4 plan entry becomes
 DEFAULT_INT4_GROUP = 32
 GGUF_INT4_GROUP = 32
 _PROJECTIONS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
@@ -166,7 +169,7 @@ class _Target:
     """A quantized module being filled. ``done`` holds the row offsets of the shards received; int4 shards wait in
     ``staged`` until the module's rows are complete (the packed layout mixes rows of neighbouring shards)."""
 
-    module: Int8Linear | Int4Linear
+    module: Int8Linear | Int4Linear | Int4VnniLinear
     done: set[int] = field(default_factory=set)
     rows: int = 0
     staged: list[tuple[int, Int4Weight]] = field(default_factory=list)
@@ -193,7 +196,11 @@ class QuantLoader:
             group = int4_group_size(k, plan.group_size) or 0
             if fmt == "int4" and not int4_supported(n, k, group, backend):
                 fmt = "int8"
-            new = quantized_linear(fmt, k, n, "meta", group, backend)
+            new: nn.Module
+            if fmt == "int4" and backend == "cpu" and vnni_supported(n, k, group):
+                new = Int4VnniLinear(k, n, group, "meta")
+            else:
+                new = quantized_linear(fmt, k, n, "meta", group, backend)
             setattr(parent, attr, new)
             self.targets[path] = _Target(new)
         self.tie_head = model.config.tie_word_embeddings and "lm_head" in self.targets
@@ -271,6 +278,7 @@ def quantized_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "DEFAULT_INT4_GROUP",
+    "INT4_MODULES",
     "QUANTIZE_CHOICES",
     "Int4Linear",
     "Int8Linear",

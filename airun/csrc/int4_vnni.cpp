@@ -1,0 +1,275 @@
+// Group-wise int4 weights times int8-quantized activations with AVX-512 VNNI, for decode-sized batches on CPU.
+//
+// Weight layout (built by airun/layers/int4_vnni.py): output rows in tiles of 16, inputs in blocks of 32.
+//   packed[t][b][j][r][i] (uint8, 256 bytes per tile-block), j, i in 0..3, r in 0..15:
+//     low nibble  = code(row 16t + r, input 32b + 4j + i)
+//     high nibble = code(row 16t + r, input 32b + 16 + 4j + i)
+//   scales[t][b][r], mins[t][b][r] (float16): w = scale * code + min. Without mins, w = scale * (code - 8) (GGUF Q4_0).
+// So one 64-byte load gives, per output row, 4 consecutive codes: a VNNI dot-4 with 4 broadcast activation bytes adds
+// them into that row's int32 lane, and 16 rows are done per instruction.
+//
+// Activations are quantized per block of 32 to two int8 levels (see quantize_activations). Per block, with
+// xq = 254 hi + lo:  sum_k w x = unit * (scale * sum(code * xq) + min * sum(xq)).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using airun::store16;
+
+constexpr int64_t kRows = 16;
+constexpr int64_t kBlock = 32;
+constexpr int64_t kTileBlockBytes = kRows * kBlock / 2;
+constexpr int kMaxRowsPerPass = 4;  // activation rows sharing one unpack of the weights
+constexpr int64_t kPrefetchBlocks = 48;  // 12 KiB ahead: measured best of 8..128 on 7B shapes
+
+// Two int8 levels per block of 32 activations: x ~= unit * (254 * hi + lo), hi = round(x / (254 unit)) with
+// 254 unit = max|x| / 127, lo = round(x / unit - 254 hi) in [-127, 127]. The error is at most unit / 2 = max|x| / 64516,
+// finer than bfloat16's; one int8 level (ggml's Q8_0) errs up to max|x| / 254, enough to flip near-tied greedy tokens.
+// Row m's bytes: block b's hi at [64 b, 64 b + 32), its lo right after. cx = unit * (254 sum(hi) + sum(lo)).
+template <typename T>
+void quantize_activations(const T* x, int64_t m_rows, int64_t k, int8_t* xq, float* unit, float* cx) {
+  const int64_t nb = k / kBlock;
+  at::parallel_for(0, m_rows * nb, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t m = idx / nb, b = idx % nb;
+      const T* src = x + m * k + b * kBlock;
+      float v[kBlock];
+      float amax = 0.f;
+      for (int i = 0; i < kBlock; ++i) {
+        v[i] = static_cast<float>(src[i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float u = amax / (127.f * 254.f);
+      const float inv = u > 0.f ? 1.f / u : 0.f;
+      int8_t* hi = xq + m * 2 * k + b * 2 * kBlock;
+      int8_t* lo = hi + kBlock;
+      int sum = 0;
+      for (int i = 0; i < kBlock; ++i) {
+        const float f = v[i] * inv;  // in [-32258, 32258]
+        const int h = static_cast<int>(std::nearbyint(f / 254.f));
+        const int l = std::clamp(static_cast<int>(std::nearbyint(f - 254.f * static_cast<float>(h))), -127, 127);
+        hi[i] = static_cast<int8_t>(h);
+        lo[i] = static_cast<int8_t>(l);
+        sum += 254 * h + l;
+      }
+      unit[m * nb + b] = u;
+      cx[m * nb + b] = u * static_cast<float>(sum);
+    }
+  });
+}
+
+// sum over the block of code * x-level for the 8 weight vectors of a tile-block against one level's 32 bytes.
+inline __m512i block_dot(const __m512i lo[4], const __m512i hi[4], const int32_t* xb) {
+  __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[0], _mm512_set1_epi32(xb[0]));
+  __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[1], _mm512_set1_epi32(xb[1]));
+  s0 = _mm512_dpbusd_epi32(s0, lo[2], _mm512_set1_epi32(xb[2]));
+  s1 = _mm512_dpbusd_epi32(s1, lo[3], _mm512_set1_epi32(xb[3]));
+  s0 = _mm512_dpbusd_epi32(s0, hi[0], _mm512_set1_epi32(xb[4]));
+  s1 = _mm512_dpbusd_epi32(s1, hi[1], _mm512_set1_epi32(xb[5]));
+  s0 = _mm512_dpbusd_epi32(s0, hi[2], _mm512_set1_epi32(xb[6]));
+  s1 = _mm512_dpbusd_epi32(s1, hi[3], _mm512_set1_epi32(xb[7]));
+  return _mm512_add_epi32(s0, s1);
+}
+
+// Accumulates one tile (16 output rows) for MB activation rows over all nb blocks into acc[MB].
+template <bool kAsym, int MB>
+inline void tile_dot(const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t nb, const int8_t* xq,
+                     const float* dx, const float* cx, int64_t k, __m512* acc) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = w + b * kTileBlockBytes;
+    // The hardware prefetcher alone leaves DRAM bandwidth unused on this stream; run ahead of it.
+    for (int line = 0; line < 4; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBlocks * kTileBlockBytes + 64 * line), _MM_HINT_T0);
+    }
+    _mm_prefetch(reinterpret_cast<const char*>(s + (b + kPrefetchBlocks) * kRows), _MM_HINT_T0);
+    if constexpr (kAsym) _mm_prefetch(reinterpret_cast<const char*>(mn + (b + kPrefetchBlocks) * kRows), _MM_HINT_T0);
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i p = _mm512_loadu_si512(wb + 64 * j);
+      lo[j] = _mm512_and_si512(p, low4);
+      hi[j] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
+    }
+    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b * kRows)));
+    __m512 mv = sv;
+    if constexpr (kAsym) mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + b * kRows)));
+    for (int m = 0; m < MB; ++m) {
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xq + m * 2 * k + b * 2 * kBlock);
+      const __m512 coarse = _mm512_cvtepi32_ps(block_dot(lo, hi, xb));
+      const __m512 fine = _mm512_cvtepi32_ps(block_dot(lo, hi, xb + kBlock / 4));
+      const __m512 dot = _mm512_fmadd_ps(coarse, _mm512_set1_ps(254.f), fine);  // exact: |dot| < 2^24
+      const float d = dx[m * nb + b], c = cx[m * nb + b];
+      if constexpr (kAsym) {
+        acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(dot, _mm512_set1_ps(d)), sv, acc[m]);
+        acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(c), acc[m]);
+      } else {
+        const __m512 t = _mm512_fmadd_ps(dot, _mm512_set1_ps(d), _mm512_set1_ps(-8.f * c));
+        acc[m] = _mm512_fmadd_ps(t, sv, acc[m]);
+      }
+    }
+  }
+}
+
+template <bool kAsym, int MB, typename T>
+inline void tile_pass(const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t nb, const int8_t* xq,
+                      const float* dx, const float* cx, int64_t k, T* out, int64_t n) {
+  __m512 acc[MB];
+  tile_dot<kAsym, MB>(w, s, mn, nb, xq, dx, cx, k, acc);
+  for (int m = 0; m < MB; ++m) store16(out + m * n, acc[m]);
+}
+
+template <bool kAsym, typename T>
+void gemm(const T* x, const uint8_t* packed, const at::Half* scales, const at::Half* mins, int64_t m_rows, int64_t k,
+          int64_t tiles, T* out) {
+  const int64_t nb = k / kBlock, n = tiles * kRows;
+  std::vector<int8_t> xq(m_rows * 2 * k);
+  std::vector<float> dx(m_rows * nb), cx(m_rows * nb);
+  quantize_activations(x, m_rows, k, xq.data(), dx.data(), cx.data());
+  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const uint8_t* w = packed + t * nb * kTileBlockBytes;
+      const at::Half* s = scales + t * nb * kRows;
+      const at::Half* mn = kAsym ? mins + t * nb * kRows : nullptr;
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRowsPerPass) {
+        const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, m_rows - m0);
+        const int8_t* q = xq.data() + m0 * 2 * k;
+        const float* d = dx.data() + m0 * nb;
+        const float* c = cx.data() + m0 * nb;
+        T* o = out + m0 * n + t * kRows;
+        switch (mb) {
+          case 4: tile_pass<kAsym, 4>(w, s, mn, nb, q, d, c, k, o, n); break;
+          case 3: tile_pass<kAsym, 3>(w, s, mn, nb, q, d, c, k, o, n); break;
+          case 2: tile_pass<kAsym, 2>(w, s, mn, nb, q, d, c, k, o, n); break;
+          default: tile_pass<kAsym, 1>(w, s, mn, nb, q, d, c, k, o, n); break;
+        }
+      }
+    }
+  });
+}
+
+void check_weight(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& mins) {
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kTileBlockBytes && packed.scalar_type() == at::kByte &&
+                  packed.is_contiguous(),
+              "packed must be contiguous uint8 [tiles, blocks, 256]");
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == packed.size(0) && scales.size(1) == packed.size(1) &&
+                  scales.size(2) == kRows && scales.scalar_type() == at::kHalf && scales.is_contiguous(),
+              "scales must be contiguous float16 [tiles, blocks, 16]");
+  if (mins.has_value()) {
+    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == at::kHalf && mins->is_contiguous(),
+                "mins must be like scales");
+  }
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& mins) {
+  check_weight(packed, scales, mins);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == packed.size(1) * kBlock, "x must be [M, blocks * 32]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1), tiles = packed.size(0);
+  at::Tensor out = at::empty({m_rows, tiles * kRows}, xc.options());
+  if (m_rows == 0) return out;
+  const auto* w = packed.data_ptr<uint8_t>();
+  const auto* s = scales.data_ptr<at::Half>();
+  const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  if (xc.scalar_type() == at::kFloat) {
+    if (mn) gemm<true>(xc.data_ptr<float>(), w, s, mn, m_rows, k, tiles, out.data_ptr<float>());
+    else gemm<false>(xc.data_ptr<float>(), w, s, mn, m_rows, k, tiles, out.data_ptr<float>());
+  } else {
+    using BF = at::BFloat16;
+    if (mn) gemm<true>(xc.data_ptr<BF>(), w, s, mn, m_rows, k, tiles, out.data_ptr<BF>());
+    else gemm<false>(xc.data_ptr<BF>(), w, s, mn, m_rows, k, tiles, out.data_ptr<BF>());
+  }
+  return out;
+}
+
+// Transposes a tile-block's 4 packed vectors (vector j holds 4 bytes per row r) into 4 vectors of 4 rows each, a row's
+// 16 bytes in (j, i) order: its low nibbles are inputs 0..15 of the block and its high nibbles inputs 16..31.
+inline void block_rows(const uint8_t* wb, __m512i q[4]) {
+  const __m512i p0 = _mm512_loadu_si512(wb), p1 = _mm512_loadu_si512(wb + 64);
+  const __m512i p2 = _mm512_loadu_si512(wb + 128), p3 = _mm512_loadu_si512(wb + 192);
+  const __m512i d_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i d_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i q_lo = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i q_hi = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  const __m512i a_lo = _mm512_permutex2var_epi32(p0, d_lo, p1), a_hi = _mm512_permutex2var_epi32(p0, d_hi, p1);
+  const __m512i b_lo = _mm512_permutex2var_epi32(p2, d_lo, p3), b_hi = _mm512_permutex2var_epi32(p2, d_hi, p3);
+  q[0] = _mm512_permutex2var_epi64(a_lo, q_lo, b_lo);
+  q[1] = _mm512_permutex2var_epi64(a_lo, q_hi, b_lo);
+  q[2] = _mm512_permutex2var_epi64(a_hi, q_lo, b_hi);
+  q[3] = _mm512_permutex2var_epi64(a_hi, q_hi, b_hi);
+}
+
+// Codes (16 uint8) -> 16 weights: (code - 8) * scale without mins (as ggml's Q4_0), code * scale + min with them.
+inline __m512 dequant16(__m128i codes, float scale, const float* min) {
+  __m512i c = _mm512_cvtepu8_epi32(codes);
+  if (!min) return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(c, _mm512_set1_epi32(8))), _mm512_set1_ps(scale));
+  // a product then a sum, two roundings, as ggml and the gguf package compute Q4_1 (no fused multiply-add)
+  return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(c), _mm512_set1_ps(scale)), _mm512_set1_ps(*min));
+}
+
+template <typename T>
+void dequant_tiles(const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t nb, int64_t tile0, int64_t tile1,
+                   T* out) {
+  const int64_t k = nb * kBlock;
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  at::parallel_for(tile0, tile1, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t b = 0; b < nb; ++b) {
+        __m512i q[4];
+        block_rows(w + (t * nb + b) * kTileBlockBytes, q);
+        alignas(64) uint8_t rows[kRows * 16];
+        for (int g = 0; g < 4; ++g) _mm512_store_si512(rows + 64 * g, q[g]);
+        const int64_t sb = (t * nb + b) * kRows;
+        for (int r = 0; r < kRows; ++r) {
+          const __m128i row_bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(rows + 16 * r));
+          const float sc = static_cast<float>(s[sb + r]);
+          const float mi = mn ? static_cast<float>(mn[sb + r]) : 0.f;
+          const float* min = mn ? &mi : nullptr;
+          T* dst = out + ((t - tile0) * kRows + r) * k + b * kBlock;
+          store16(dst, dequant16(_mm_and_si128(row_bytes, low4), sc, min));
+          store16(dst + 16, dequant16(_mm_and_si128(_mm_srli_epi16(row_bytes, 4), low4), sc, min));
+        }
+      }
+    }
+  });
+}
+
+// The weight rows of tiles [tile0, tile1) as a dense [rows, K] tensor of `dtype` (float32 or bfloat16).
+at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
+                        int64_t tile0, int64_t tile1, at::ScalarType dtype) {
+  check_weight(packed, scales, mins);
+  TORCH_CHECK(0 <= tile0 && tile0 <= tile1 && tile1 <= packed.size(0), "tile range out of bounds");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequant writes float32 or bfloat16");
+  const int64_t nb = packed.size(1);
+  at::Tensor out = at::empty({(tile1 - tile0) * kRows, nb * kBlock}, packed.options().dtype(dtype));
+  const auto* w = packed.data_ptr<uint8_t>();
+  const auto* s = scales.data_ptr<at::Half>();
+  const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  if (dtype == at::kFloat) dequant_tiles(w, s, mn, nb, tile0, tile1, out.data_ptr<float>());
+  else dequant_tiles(w, s, mn, nb, tile0, tile1, out.data_ptr<at::BFloat16>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(airun_int4, m) {
+  m.def("linear(Tensor x, Tensor packed, Tensor scales, Tensor? mins) -> Tensor");
+  m.def("dequant(Tensor packed, Tensor scales, Tensor? mins, int tile0, int tile1, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(airun_int4, CPU, m) {
+  m.impl("linear", &int4_linear);
+  m.impl("dequant", &int4_dequant);
+}

@@ -1,0 +1,201 @@
+"""airun's C++ CPU kernels (:mod:`airun.native`) against independent references: the ``gguf`` package's dequantization,
+float64 matmuls, PyTorch's attention and elementwise ops, and (by running the engine numerics tests without them)
+transformers through the PyTorch fallback paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from airun import native
+from airun.layers import attention as attn
+from airun.layers.int4_vnni import KERNEL_MAX_ROWS, Int4VnniLinear, pack_codes, unpack_codes
+from airun.layers.quant import Int4Weight, quantize_int4
+from airun.layers.rotary import RotaryEmbedding
+from airun.loader.gguf_quant import repack_int4
+from airun.model.llama import RMSNorm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(not native.cpu_has_flags(), reason="the kernels need AVX-512 VNNI")
+
+
+def test_kernels_build_on_this_machine() -> None:
+    """CI's machines have the instructions: a silent fallback to PyTorch's kernels would leave the rest untested."""
+    assert native.available()
+
+
+def test_pack_and_unpack_are_inverse() -> None:
+    codes = torch.randint(0, 16, (48, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = pack_codes(codes)
+    assert packed.shape == (3, 3, 256)
+    assert torch.equal(unpack_codes(packed), codes)
+    # the documented layout: tile 0, block 0, j = 1, row 2, i = 3 holds codes (row 2, input 7) and (row 2, input 23)
+    assert int(packed[0, 0, 1 * 64 + 2 * 4 + 3]) == int(codes[2, 7]) | (int(codes[2, 23]) << 4)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
+def test_gguf_4bit_weights_dequantize_bit_for_bit(qtype: Q) -> None:
+    rows, cols = 64, 512
+    raw = gguf.quants.quantize((0.05 * np.random.default_rng(int(qtype)).standard_normal((rows, cols))).astype(np.float32),
+                               qtype)
+    lin = Int4VnniLinear(cols, rows, 32)
+    lin.load(repack_int4(torch.from_numpy(raw), int(qtype), cols))
+    assert lin.symmetric == (qtype == Q.Q4_0)  # Q4_0 stores no mins: 18 bytes per 32 weights, as the file
+    ref = gguf.quants.dequantize(raw, qtype)
+    assert np.array_equal(lin.dequantize(torch.float32).numpy(), ref)
+    assert torch.equal(lin.dequantize(torch.bfloat16), torch.from_numpy(ref).bfloat16())
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_matmul_matches_float64_within_the_activation_levels(symmetric: bool) -> None:
+    n, k, g = 96, 256, 64  # a group of 64 spans two kernel blocks
+    gen = torch.Generator().manual_seed(1)
+    scales = (torch.rand(n, k // g, generator=gen) * 0.02).half().float()
+    mins = -8 * scales if symmetric else ((torch.rand(n, k // g, generator=gen) - 0.5) * 0.2).half().float()
+    w = Int4Weight(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=gen), scales, mins, g)
+    lin = Int4VnniLinear(k, n, g)
+    lin.load(w)
+    assert lin.symmetric == symmetric
+    w64 = w.dequantize().double()
+    assert torch.equal(lin.dequantize(torch.float64), w64)  # float16 scales that were float16 already: exact
+    for m in (1, 3, 4, 5, KERNEL_MAX_ROWS, KERNEL_MAX_ROWS + 1):
+        x = torch.randn(m, k, generator=gen)
+        x[0, :32] *= 100  # one block of large values: each block has its own levels
+        ref = x.double() @ w64.t()
+        y = lin(x)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        err = ((y.double() - ref).abs() / ref.abs().amax(dim=1, keepdim=True)).max().item()
+        # two int8 levels: error <= max|x| / 64516 per activation; the dense path (> KERNEL_MAX_ROWS) is float32
+        assert err < (1e-4 if m <= KERNEL_MAX_ROWS else 1e-6), (m, err)
+        yb = lin(x.bfloat16())
+        refb = x.bfloat16().double() @ w64.t()
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.double() - refb).abs() / refb.abs().amax(dim=1, keepdim=True)).max() < 1e-2
+    assert lin(torch.randn(2, 3, k)).shape == (2, 3, n)
+
+
+def test_one_int8_level_would_not_be_enough() -> None:
+    """Why two levels: with one (ggml's Q8_0 activations) the error is ~100x larger, enough to flip the demo model's
+    near-tied first answer token to "What is the capital of France?" (see test_perplexity)."""
+    k = 512
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(2))
+    blocks = x.view(-1, 32)
+    d = blocks.abs().amax(dim=1, keepdim=True) / 127
+    one_level = (torch.round(blocks / d) * d).view(1, k)
+    w = quantize_int4(torch.randn(64, k, generator=torch.Generator().manual_seed(3)) * 0.05, 32)
+    lin = Int4VnniLinear(k, 64, 32)
+    lin.load(w)
+    wf = lin.dequantize(torch.float64)
+    ref = x.double() @ wf.t()
+    two = (lin(x).double() - ref).abs().max()
+    one = (one_level.double() @ wf.t() - ref).abs().max()
+    assert two * 30 < one
+
+
+def test_bad_shapes_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Int4VnniLinear(100, 64, 32)  # K not a multiple of 32
+    with pytest.raises(ValueError):
+        Int4VnniLinear(64, 40, 32)  # N not a multiple of 16
+    lin = Int4VnniLinear(64, 32, 32)
+    with pytest.raises(ValueError):
+        lin.load(quantize_int4(torch.randn(32, 64) * 1e6, 32))  # scales beyond float16
+    with pytest.raises(RuntimeError):
+        torch.ops.airun_int4.linear(torch.randn(2, 32), lin.packed, lin.scales, lin.mins)  # K mismatch
+
+
+def _reference_decode(q, kc, vc, tables, ctx, scale):
+    d, h = q.shape[-1], q.shape[1]
+    kvh = kc.shape[2]
+    nb = tables.shape[1]
+    mask = (torch.arange(nb * kc.shape[1])[None, :] < ctx[:, None]).view(len(ctx), 1, 1, -1)
+    kd = attn._gather_kv(kc.double(), tables, nb * kc.shape[1])
+    vd = attn._gather_kv(vc.double(), tables, nb * kc.shape[1])
+    return attn._attend(q.double().view(len(ctx), kvh, h // kvh, 1, d), kd, vd, mask, scale).reshape(len(ctx), h * d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_masked_softmax_attention(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(4)
+    blocks, bs, kvh, d, h = 40, 16, 2, 64, 8
+    kc = torch.randn(blocks, bs, kvh, d, generator=gen).to(dtype)
+    vc = torch.randn(blocks, bs, kvh, d, generator=gen).to(dtype)
+    ctx = torch.tensor([1, 17, 100, 33, 16])
+    nb = (int(ctx.max()) + bs - 1) // bs
+    tables = torch.stack([torch.randperm(blocks, generator=gen)[:nb] for _ in ctx])
+    q = torch.randn(len(ctx), h, d, generator=gen).to(dtype)
+    out = torch.ops.airun_attn.decode(q, kc, vc, tables, ctx, 0.125)
+    ref = _reference_decode(q, kc, vc, tables, ctx, 0.125)
+    assert out.dtype == dtype and out.shape == (len(ctx), h * d)
+    assert (out.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+    with pytest.raises(RuntimeError):  # a context longer than the block table
+        torch.ops.airun_attn.decode(q, kc, vc, tables, ctx + nb * bs, 0.125)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_equal_the_pytorch_code(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(5)
+    norm = RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(576, generator=gen))
+    norm = norm.to(dtype)
+    x = torch.randn(7, 576, generator=gen).to(dtype)
+    res = torch.randn(7, 576, generator=gen).to(dtype)
+    want = norm._norm(x)
+    want_res = res + x
+    want_added = norm._norm(want_res)
+    got = torch.ops.airun_fused.rms_norm(x, norm.weight, norm.eps)
+    res_inplace = res.clone()
+    got_added = torch.ops.airun_fused.add_rms_norm(x, res_inplace, norm.weight, norm.eps)
+    assert torch.equal(res_inplace, want_res)  # the residual stream: bit for bit
+    if dtype == torch.bfloat16:  # every rounding of transformers' bf16 RMSNorm reproduced
+        assert torch.equal(got, want) and torch.equal(got_added, want_added)
+    else:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(got_added, want_added, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_and_cache_write_equal_the_pytorch_code(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(6)
+    t, h, kvh, d = 5, 4, 2, 64
+    rope = RotaryEmbedding(d, 4096, 1e6)
+    rope.reset()
+    positions = torch.tensor([0, 7, 100, 4095, 31])
+    cos, sin = rope.lookup(positions, dtype)
+    qkv = torch.randn(t, (h + 2 * kvh) * d, generator=gen).to(dtype)
+    kc, vc = torch.zeros(4, 16, kvh, d, dtype=dtype), torch.zeros(4, 16, kvh, d, dtype=dtype)
+    slots = torch.tensor([3, 17, 63, 0, 40])
+    q, k = torch.ops.airun_fused.rope_kv(qkv, cos, sin, kc, vc, slots, h, kvh)
+    q_ref = RotaryEmbedding.apply(qkv[:, : h * d].view(t, h, d), cos, sin)
+    k_ref = RotaryEmbedding.apply(qkv[:, h * d : (h + kvh) * d].view(t, kvh, d), cos, sin)
+    v_ref = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+    if dtype == torch.bfloat16:  # every rounding of the bf16 code reproduced
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    else:  # PyTorch's float32 kernels differ by an ulp here and there
+        torch.testing.assert_close(q, q_ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(k, k_ref, rtol=0, atol=1e-6)
+    assert torch.equal(kc.view(-1, kvh, d)[slots], k) and torch.equal(vc.view(-1, kvh, d)[slots], v_ref)
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots] = False
+    assert not kc.view(-1, kvh, d)[untouched].any() and not vc.view(-1, kvh, d)[untouched].any()
+    with pytest.raises(RuntimeError):
+        torch.ops.airun_fused.rope_kv(qkv, cos, sin, kc, vc, slots + 64, h, kvh)  # a slot outside the cache
+
+
+def test_engine_numerics_hold_without_the_native_kernels() -> None:
+    """The PyTorch fallback of every native op, checked against transformers by the same tests."""
+    env = dict(os.environ, AIRUN_NATIVE_KERNELS="0", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine_numerics.py"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
