@@ -28,6 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not native.cpu_has_flags(), reason="the kernels need AVX-512 VNNI")
 
 
+@pytest.fixture(autouse=True)
+def _loaded() -> None:
+    assert native.available()  # loads torch.ops.airun_* (built once per source change)
+
+
 def test_kernels_build_on_this_machine() -> None:
     """CI's machines have the instructions: a silent fallback to PyTorch's kernels would leave the rest untested."""
     assert native.available()

@@ -18,61 +18,89 @@
 
 namespace {
 
+using airun::exp16;
 using airun::load16;
 using airun::store16;
 
-template <typename T>
+constexpr int64_t kMinParallelMacs = 1 << 18;  // below this much work a step runs on one thread: forking costs more
+
+// Softmax of sc[0, n) in place (float32, max-subtracted).
+inline void softmax(float* sc, int64_t n) {
+  const float mx = *std::max_element(sc, sc + n);
+  __m512 sum16 = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 16 <= n; p += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
+    _mm512_storeu_ps(sc + p, e);
+    sum16 = _mm512_add_ps(sum16, e);
+  }
+  if (p < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - p)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + p), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(sc + p, tail, e);
+    sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(tail, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum16));
+  for (p = 0; p + 16 <= n; p += 16) _mm512_storeu_ps(sc + p, _mm512_mul_ps(_mm512_loadu_ps(sc + p), inv));
+  for (; p < n; ++p) sc[p] *= _mm512_cvtss_f32(inv);
+}
+
+// NC = d / 16 vectors per head row: a query and an output accumulator stay in registers.
+template <int NC, typename T>
 void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out, int64_t seqs,
-            int64_t heads, int64_t kv_heads, int64_t d, int64_t block_size, int64_t max_blocks, float scale) {
-  const int64_t g = heads / kv_heads;
-  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(g * d), acc(g * d), scores;
+            int64_t heads, int64_t kv_heads, int64_t block_size, int64_t max_blocks, float scale) {
+  constexpr int64_t d = NC * 16;
+  const int64_t g = heads / kv_heads, items = seqs * kv_heads;
+  int64_t keys = 0;
+  for (int64_t s = 0; s < seqs; ++s) keys += ctx[s];
+  const int64_t grain = keys * heads * d < kMinParallelMacs ? items : 1;
+  at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<const T*> rows;  // cache row of each key position for this (sequence, KV head)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / kv_heads, kh = item % kv_heads, n = ctx[s];
       const int64_t* table = tables + s * max_blocks;
+      rows.resize(n);
+      for (int64_t p = 0; p < n; ++p) rows[p] = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
+      const int64_t v_offset = vc - kc;
+      scores.resize(g * n);
       for (int64_t gi = 0; gi < g; ++gi) {
         const T* src = q + (s * heads + kh * g + gi) * d;
-        for (int64_t c = 0; c < d; c += 16) {
-          _mm512_storeu_ps(&qf[gi * d + c], _mm512_mul_ps(load16(src + c), _mm512_set1_ps(scale)));
-        }
-      }
-      scores.assign(g * n, 0.f);
-      for (int64_t p = 0; p < n; ++p) {
-        const T* kp = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
-        for (int64_t gi = 0; gi < g; ++gi) {
-          __m512 a = _mm512_setzero_ps();
-          for (int64_t c = 0; c < d; c += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[gi * d + c]), load16(kp + c), a);
-          scores[gi * n + p] = _mm512_reduce_add_ps(a);
-        }
-      }
-      for (int64_t gi = 0; gi < g; ++gi) {
+        __m512 qv[NC];
+        for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(load16(src + 16 * c), _mm512_set1_ps(scale));
         float* sc = &scores[gi * n];
-        const float mx = *std::max_element(sc, sc + n);
-        float sum = 0.f;
         for (int64_t p = 0; p < n; ++p) {
-          sc[p] = std::exp(sc[p] - mx);
-          sum += sc[p];
+          __m512 a = _mm512_mul_ps(qv[0], load16(rows[p]));
+          for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(rows[p] + 16 * c), a);
+          sc[p] = _mm512_reduce_add_ps(a);
         }
-        const float inv = 1.f / sum;
-        for (int64_t p = 0; p < n; ++p) sc[p] *= inv;
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t p = 0; p < n; ++p) {
-        const T* vp = vc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
-        for (int64_t c = 0; c < d; c += 16) {
-          const __m512 v = load16(vp + c);
-          for (int64_t gi = 0; gi < g; ++gi) {
-            float* a = &acc[gi * d + c];
-            _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(scores[gi * n + p]), v, _mm512_loadu_ps(a)));
-          }
+        softmax(sc, n);
+        __m512 acc[NC];
+        for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < n; ++p) {
+          const T* vp = rows[p] + v_offset;
+          const __m512 w = _mm512_set1_ps(sc[p]);
+          for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vp + 16 * c), acc[c]);
         }
-      }
-      for (int64_t gi = 0; gi < g; ++gi) {
         T* dst = out + (s * heads + kh * g + gi) * d;
-        for (int64_t c = 0; c < d; c += 16) store16(dst + c, _mm512_loadu_ps(&acc[gi * d + c]));
+        for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[c]);
       }
     }
   });
+}
+
+template <typename T>
+void decode_dispatch(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out,
+                     int64_t seqs, int64_t heads, int64_t kv_heads, int64_t d, int64_t block_size, int64_t max_blocks,
+                     float scale) {
+  switch (d) {
+    case 16: return decode<1>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 32: return decode<2>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 64: return decode<4>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 128: return decode<8>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 256: return decode<16>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    default: TORCH_CHECK(false, "head_dim must be 16, 32, 64, 128 or 256");
+  }
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -84,7 +112,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const int64_t seqs = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == d && d % 16 == 0 && heads % kv_heads == 0, "head dims do not match");
+  TORCH_CHECK(k_cache.size(3) == d && heads % kv_heads == 0, "head dims do not match");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && block_tables.scalar_type() == at::kLong,
               "block_tables must be int64 [D, max_blocks]");
   TORCH_CHECK(ctx_lens.dim() == 1 && ctx_lens.size(0) == seqs && ctx_lens.scalar_type() == at::kLong,
@@ -97,11 +125,11 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   at::Tensor out = at::empty({seqs, heads * d}, q.options());
   if (q.scalar_type() == at::kFloat) {
-    decode(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt.data_ptr<int64_t>(), lens,
+    decode_dispatch(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt.data_ptr<int64_t>(), lens,
            out.data_ptr<float>(), seqs, heads, kv_heads, d, block_size, max_blocks, static_cast<float>(scale));
   } else {
     using BF = at::BFloat16;
-    decode(qc.data_ptr<BF>(), k_cache.data_ptr<BF>(), v_cache.data_ptr<BF>(), bt.data_ptr<int64_t>(), lens,
+    decode_dispatch(qc.data_ptr<BF>(), k_cache.data_ptr<BF>(), v_cache.data_ptr<BF>(), bt.data_ptr<int64_t>(), lens,
            out.data_ptr<BF>(), seqs, heads, kv_heads, d, block_size, max_blocks, static_cast<float>(scale));
   }
   return out;

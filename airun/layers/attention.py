@@ -67,12 +67,12 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
 
 
 def _native_decode(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether airun's C++ decode kernel takes this step (CPU, float32 or bfloat16, head_dim a multiple of 16)."""
+    """Whether airun's C++ decode kernel takes this step (CPU, float32 or bfloat16, head_dim 16, 32, 64, 128 or 256)."""
     return (
         q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.bfloat16)
         and q.dtype == k_cache.dtype
-        and q.shape[-1] % 16 == 0
+        and q.shape[-1] in (16, 32, 64, 128, 256)
         and k_cache.is_contiguous()
         and native.available()
     )

@@ -23,6 +23,10 @@ ROWS_PER_TILE = 16
 BLOCK = 32
 TILE_BLOCK_BYTES = ROWS_PER_TILE * BLOCK // 2
 KERNEL_MAX_ROWS = 32  # measured (demo and 7B shapes, 2 threads): from ~32 rows on, dequantize + GEMM is as fast or faster
+def _LINEAR(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.airun_int4.linear.default(x, packed, scales, mins)
+
+
 def vnni_supported(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether the kernel takes this shape: whole tiles of 16 rows, groups that are whole blocks of 32, and a build."""
     shape_ok = out_features % ROWS_PER_TILE == 0 and in_features % BLOCK == 0 and group_size % BLOCK == 0
@@ -98,11 +102,22 @@ class Int4VnniLinear(nn.Module):
     def _mins_arg(self) -> torch.Tensor | None:
         return None if self.symmetric else self.mins
 
+    def _weight_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(packed, scales, mins or None), cached: a decode step calls this layer's kernel hundreds of times, and
+        nn.Module's attribute lookup of buffers is a measurable part of that. Rebuilt when a buffer was replaced."""
+        args = self.__dict__.get("_args")
+        if args is None or args[0] is not self._buffers["packed"] or args[1] is not self._buffers["scales"] or (
+            args[2] is not None and args[2] is not self._buffers["mins"]
+        ):
+            args = (self.packed, self.scales, self._mins_arg())
+            self.__dict__["_args"] = args
+        return args
+
     def kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]`` through the VNNI kernel (float32 or bfloat16 in and out)."""
         if x2.dtype not in (torch.float32, torch.bfloat16):
-            return torch.ops.airun_int4.linear(x2.float(), self.packed, self.scales, self._mins_arg()).to(x2.dtype)
-        return torch.ops.airun_int4.linear(x2, self.packed, self.scales, self._mins_arg())
+            return _LINEAR(x2.float(), *self._weight_args()).to(x2.dtype)
+        return _LINEAR(x2, *self._weight_args())
 
     def dequantize(self, dtype: torch.dtype = torch.float32, tile0: int = 0, tile1: int | None = None) -> torch.Tensor:
         """Rows ``[16 * tile0, 16 * tile1)`` of the weight the layer computes with, ``[rows, K]`` in ``dtype``."""
@@ -122,6 +137,8 @@ class Int4VnniLinear(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+            return _LINEAR(x, *self._weight_args())  # the decode path, kept short
         x2 = x.reshape(-1, self.in_features)
         y = self.kernel_matmul(x2) if x2.shape[0] <= KERNEL_MAX_ROWS else self.dequant_matmul(x2)
         return y.view(*x.shape[:-1], self.out_features)

@@ -70,7 +70,7 @@ class Attention(nn.Module):
         self.v_cache = torch.empty(0)
 
     def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj.forward(x)
         t = x.shape[0]
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         if _fusable(qkv) and self.head_dim % 32 == 0 and self.k_cache.dim() == 4 and self.k_cache.is_contiguous():
@@ -78,12 +78,12 @@ class Attention(nn.Module):
             q, k = torch.ops.airun_fused.rope_kv(qkv, rope[0], rope[1], self.k_cache, self.v_cache, meta.slot_mapping,
                                                  self.num_heads, self.num_kv_heads)
             o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, cache_written=True)
-            return self.o_proj(o)
+            return self.o_proj.forward(o)
         q, k, _ = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = RotaryEmbedding.apply(q.view(t, self.num_heads, self.head_dim), *rope)
         k = RotaryEmbedding.apply(k.view(t, self.num_kv_heads, self.head_dim), *rope)
         o = paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
-        return self.o_proj(o)
+        return self.o_proj.forward(o)
 
 
 class MLP(nn.Module):
@@ -94,8 +94,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = self.gate_up_proj.forward(x).split(self.intermediate, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -113,11 +113,11 @@ class DecoderLayer(nn.Module):
         """``(mlp output, residual stream before it)``: the layer's output is their sum, which the next norm forms
         (``x`` is the previous layer's mlp output, or the embeddings with ``residual`` None for the first layer)."""
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = self.input_layernorm.forward(x), x
         else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(rope, h, meta), residual)
-        return self.mlp(h), residual
+            h, residual = self.input_layernorm.forward(x, residual)
+        h, residual = self.post_attention_layernorm.forward(self.self_attn.forward(rope, h, meta), residual)
+        return self.mlp.forward(h), residual
 
 
 class DecoderModel(nn.Module):
@@ -142,6 +142,10 @@ _FUSED = {
 class CausalLM(nn.Module):
     """A Mistral/Llama causal LM over a flat batch of tokens with a paged KV cache.
 
+    Inside the decoder, submodules are called through ``.forward``: nothing registers hooks there, and
+    ``nn.Module.__call__``'s hook dispatch cost ~0.4 ms of a 5.5 ms decode step of the demo model (270 calls). The
+    head (``lm_head``) and the embedding are called as modules, so hooks on them work.
+
     Parameter names follow Hugging Face's, except that q/k/v and gate/up are fused (``qkv_proj``, ``gate_up_proj``).
     With tied embeddings ``lm_head.weight`` is the embedding matrix.
     """
@@ -159,7 +163,7 @@ class CausalLM(nn.Module):
         rope = self.model.rotary.lookup(positions, x.dtype)
         residual = None
         for layer in self.model.layers:
-            x, residual = layer(rope, x, residual, meta)
+            x, residual = layer.forward(rope, x, residual, meta)
         if residual is None:  # no layers
             return self.model.norm(x)
         return self.model.norm(x, residual)[0]
