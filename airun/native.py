@@ -22,7 +22,10 @@ log = logging.getLogger("airun.native")
 
 SOURCES = ("int4_vnni.cpp", "decode_attention.cpp", "fused_ops.cpp")
 _CSRC = Path(__file__).resolve().parent / "csrc"
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-std=c++17"]
+# -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP. The library then
+# links libgomp.so.1, which resolves to the copy PyTorch already loaded (same soname): one thread pool.
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-std=c++17", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 
 
@@ -72,6 +75,7 @@ def available() -> bool:
             name=f"airun_native_{digest}",
             sources=[str(p) for p in paths],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(build),
             is_python_module=False,
             verbose=False,

@@ -17,7 +17,7 @@ from gguf import GGMLQuantizationType as Q
 
 from airun import native
 from airun.layers import attention as attn
-from airun.layers.int4_vnni import KERNEL_MAX_ROWS, Int4VnniLinear, pack_codes, unpack_codes
+from airun.layers.int4_vnni import KERNEL_MAX_ROWS, Int4VnniLinear, pack_codes, pack_weight, unpack_codes
 from airun.layers.quant import Int4Weight, quantize_int4
 from airun.layers.rotary import RotaryEmbedding
 from airun.loader.gguf_quant import repack_int4
@@ -39,22 +39,34 @@ def test_kernels_build_on_this_machine() -> None:
 
 
 def test_pack_and_unpack_are_inverse() -> None:
-    codes = torch.randint(0, 16, (48, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (48, 128), dtype=torch.uint8, generator=gen)
     packed = pack_codes(codes)
-    assert packed.shape == (3, 3, 256)
+    assert packed.shape == (3, 4, 256)
     assert torch.equal(unpack_codes(packed), codes)
     # the documented layout: tile 0, block 0, j = 1, row 2, i = 3 holds codes (row 2, input 7) and (row 2, input 23)
     assert int(packed[0, 0, 1 * 64 + 2 * 4 + 3]) == int(codes[2, 7]) | (int(codes[2, 23]) << 4)
+    # one stream per tile: block pairs of codes, then their float16 scales, then (with mins) their mins
+    scales, mins = torch.rand(48, 4, generator=gen).half().float(), torch.rand(48, 4, generator=gen).half().float()
+    qdata, asym = pack_weight(Int4Weight(codes, scales, mins, 32))
+    assert asym and qdata.shape == (3, 2, 640)
+    assert torch.equal(qdata[1, 1, :512].view(2, 256), packed[1, 2:4])
+    assert torch.equal(qdata[1, 1, 512:576].view(torch.float16).view(2, 16), scales[16:32, 2:4].t().half())
+    assert torch.equal(qdata[1, 1, 576:].view(torch.float16).view(2, 16), mins[16:32, 2:4].t().half())
+    qdata, asym = pack_weight(Int4Weight(codes, scales, -8 * scales, 32))
+    assert not asym and qdata.shape == (3, 2, 576)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1])
 def test_gguf_4bit_weights_dequantize_bit_for_bit(qtype: Q) -> None:
+    """And the layer streams as many bytes as the file: 18 per 32 weights for Q4_0, 20 for Q4_1."""
     rows, cols = 64, 512
     raw = gguf.quants.quantize((0.05 * np.random.default_rng(int(qtype)).standard_normal((rows, cols))).astype(np.float32),
                                qtype)
     lin = Int4VnniLinear(cols, rows, 32)
     lin.load(repack_int4(torch.from_numpy(raw), int(qtype), cols))
-    assert lin.symmetric == (qtype == Q.Q4_0)  # Q4_0 stores no mins: 18 bytes per 32 weights, as the file
+    assert lin.symmetric == (qtype == Q.Q4_0)  # Q4_0 stores no mins
+    assert lin.qdata.numel() == raw.size
     ref = gguf.quants.dequantize(raw, qtype)
     assert np.array_equal(lin.dequantize(torch.float32).numpy(), ref)
     assert torch.equal(lin.dequantize(torch.bfloat16), torch.from_numpy(ref).bfloat16())
@@ -108,14 +120,16 @@ def test_one_int8_level_would_not_be_enough() -> None:
 
 def test_bad_shapes_are_refused() -> None:
     with pytest.raises(ValueError):
-        Int4VnniLinear(100, 64, 32)  # K not a multiple of 32
+        Int4VnniLinear(96, 64, 32)  # K not a multiple of 64 (whole block pairs)
     with pytest.raises(ValueError):
         Int4VnniLinear(64, 40, 32)  # N not a multiple of 16
     lin = Int4VnniLinear(64, 32, 32)
     with pytest.raises(ValueError):
         lin.load(quantize_int4(torch.randn(32, 64) * 1e6, 32))  # scales beyond float16
     with pytest.raises(RuntimeError):
-        torch.ops.airun_int4.linear(torch.randn(2, 32), lin.packed, lin.scales, lin.mins)  # K mismatch
+        torch.ops.airun_int4.linear(torch.randn(2, 32), lin.qdata, True)  # K mismatch
+    with pytest.raises(RuntimeError):
+        torch.ops.airun_int4.linear(torch.randn(2, 64), lin.qdata, False)  # layout says mins, call says none
 
 
 def _reference_decode(q, kc, vc, tables, ctx, scale):

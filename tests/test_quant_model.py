@@ -16,7 +16,7 @@ from airun.cli import build_parser, engine_args_from
 from airun.errors import InvalidRequestError
 from airun.sampling_params import SamplingParams
 from airun.layers import quant
-from airun.layers.int4_vnni import Int4VnniLinear, unpack_codes
+from airun.layers.int4_vnni import Int4VnniLinear
 from airun.layers.quant import Int8Linear
 from airun.loader import iter_weights, load_model_config, resolve_source
 from airun.model.llama import build_model
@@ -107,7 +107,7 @@ def test_quantized_safetensors_model_equals_transformers_with_quantized_weights(
             assert isinstance(mod, INT4_MODULES) and mod.group_size == 32, path
             codes, weight_of = ref_int4(w, 32, isinstance(mod, Int4VnniLinear))
             if isinstance(mod, Int4VnniLinear):
-                got = unpack_codes(mod.packed).numpy().astype(np.float64)
+                got = mod.codes().numpy().astype(np.float64)
             else:
                 got = quant._unpack_cpu(mod.packed, *w.shape, quant.cpu_int4_layout()).numpy().astype(np.float64)
         # The same integers as round-to-nearest, but for rare near-ties that float rounding breaks the other way.

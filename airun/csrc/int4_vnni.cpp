@@ -1,10 +1,12 @@
 // Group-wise int4 weights times int8-quantized activations with AVX-512 VNNI, for decode-sized batches on CPU.
 //
-// Weight layout (built by airun/layers/int4_vnni.py): output rows in tiles of 16, inputs in blocks of 32.
-//   packed[t][b][j][r][i] (uint8, 256 bytes per tile-block), j, i in 0..3, r in 0..15:
-//     low nibble  = code(row 16t + r, input 32b + 4j + i)
-//     high nibble = code(row 16t + r, input 32b + 16 + 4j + i)
-//   scales[t][b][r], mins[t][b][r] (float16): w = scale * code + min. Without mins, w = scale * (code - 8) (GGUF Q4_0).
+// Weight layout (built by airun/layers/int4_vnni.py): output rows in tiles of 16, inputs in blocks of 32, blocks in
+// pairs. One uint8 tensor qdata[t][p][...] holds, for tile t and block pair p (blocks 2p and 2p + 1), contiguously:
+//   codes of block 2p, codes of block 2p + 1 (256 bytes each), scales of both (2 x 16 float16), and only for weights
+//   with mins, the mins of both (2 x 16 float16): 576 or 640 bytes, whole cache lines, one stream to read.
+//   A block's codes: [j][r][i], j, i in 0..3, r in 0..15, low nibble = code(row 16t + r, input 32b + 4j + i), high
+//   nibble = code(row 16t + r, input 32b + 16 + 4j + i). w = scale * code + min; without mins, w = scale * (code - 8)
+//   (GGUF Q4_0).
 // So one 64-byte load gives, per output row, 4 consecutive codes: a VNNI dot-4 with 4 broadcast activation bytes adds
 // them into that row's int32 lane, and 16 rows are done per instruction.
 //
@@ -29,8 +31,25 @@ using airun::store16;
 constexpr int64_t kRows = 16;
 constexpr int64_t kBlock = 32;
 constexpr int64_t kTileBlockBytes = kRows * kBlock / 2;
+constexpr int64_t kPairCodeBytes = 2 * kTileBlockBytes;
+constexpr int64_t kHalfBlockBytes = kRows * 2;  // one block's 16 float16 scales (or mins)
+
+inline int64_t pair_bytes(bool asym) { return kPairCodeBytes + (asym ? 4 : 2) * kHalfBlockBytes; }
+
+// Where block b of one tile lives in qdata (see the layout above); `base` is the tile's first pair.
+struct TileBlocks {
+  const uint8_t* base;
+  int64_t pair;  // bytes per block pair
+  const uint8_t* codes(int64_t b) const { return base + (b >> 1) * pair + (b & 1) * kTileBlockBytes; }
+  const at::Half* scales(int64_t b) const {
+    return reinterpret_cast<const at::Half*>(base + (b >> 1) * pair + kPairCodeBytes + (b & 1) * kHalfBlockBytes);
+  }
+  const at::Half* mins(int64_t b) const {
+    return reinterpret_cast<const at::Half*>(base + (b >> 1) * pair + kPairCodeBytes + (2 + (b & 1)) * kHalfBlockBytes);
+  }
+};
 constexpr int kMaxRowsPerPass = 4;  // activation rows sharing one unpack of the weights
-constexpr int64_t kPrefetchBlocks = 48;  // 12 KiB ahead: measured best of 8..128 on 7B shapes
+constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
 
 // Two int8 levels per block of 32 activations: x ~= unit * (254 * hi + lo), hi = round(x / (254 unit)) with
 // 254 unit = max|x| / 127, lo = round(x / unit - 254 hi) in [-127, 127]. The error is at most unit / 2 = max|x| / 64516,
@@ -83,27 +102,25 @@ inline __m512i block_dot(const __m512i lo[4], const __m512i hi[4], const int32_t
 
 // Accumulates one tile (16 output rows) for MB activation rows over all nb blocks into acc[MB].
 template <bool kAsym, int MB>
-inline void tile_dot(const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t nb, const int8_t* xq,
-                     const float* dx, const float* cx, int64_t k, __m512* acc) {
+inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* dx, const float* cx, int64_t k,
+                     __m512* acc) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* wb = w + b * kTileBlockBytes;
-    // The hardware prefetcher alone leaves DRAM bandwidth unused on this stream; run ahead of it.
-    for (int line = 0; line < 4; ++line) {
-      _mm_prefetch(reinterpret_cast<const char*>(wb + kPrefetchBlocks * kTileBlockBytes + 64 * line), _MM_HINT_T0);
+    const uint8_t* wb = w.codes(b);
+    if ((b & 1) == 0) {  // the hardware prefetcher alone leaves DRAM bandwidth unused on this stream: run ahead of it
+      const char* ahead = reinterpret_cast<const char*>(w.base + (b / 2 + kPrefetchPairs) * w.pair);
+      for (int64_t line = 0; line < w.pair; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     }
-    _mm_prefetch(reinterpret_cast<const char*>(s + (b + kPrefetchBlocks) * kRows), _MM_HINT_T0);
-    if constexpr (kAsym) _mm_prefetch(reinterpret_cast<const char*>(mn + (b + kPrefetchBlocks) * kRows), _MM_HINT_T0);
     __m512i lo[4], hi[4];
     for (int j = 0; j < 4; ++j) {
       const __m512i p = _mm512_loadu_si512(wb + 64 * j);
       lo[j] = _mm512_and_si512(p, low4);
       hi[j] = _mm512_and_si512(_mm512_srli_epi16(p, 4), low4);
     }
-    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b * kRows)));
+    const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales(b))));
     __m512 mv = sv;
-    if constexpr (kAsym) mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + b * kRows)));
+    if constexpr (kAsym) mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.mins(b))));
     for (int m = 0; m < MB; ++m) {
       const int32_t* xb = reinterpret_cast<const int32_t*>(xq + m * 2 * k + b * 2 * kBlock);
       const __m512 coarse = _mm512_cvtepi32_ps(block_dot(lo, hi, xb));
@@ -122,25 +139,22 @@ inline void tile_dot(const uint8_t* w, const at::Half* s, const at::Half* mn, in
 }
 
 template <bool kAsym, int MB, typename T>
-inline void tile_pass(const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t nb, const int8_t* xq,
-                      const float* dx, const float* cx, int64_t k, T* out, int64_t n) {
+inline void tile_pass(TileBlocks w, int64_t nb, const int8_t* xq, const float* dx, const float* cx, int64_t k, T* out,
+                      int64_t n) {
   __m512 acc[MB];
-  tile_dot<kAsym, MB>(w, s, mn, nb, xq, dx, cx, k, acc);
+  tile_dot<kAsym, MB>(w, nb, xq, dx, cx, k, acc);
   for (int m = 0; m < MB; ++m) store16(out + m * n, acc[m]);
 }
 
 template <bool kAsym, typename T>
-void gemm(const T* x, const uint8_t* packed, const at::Half* scales, const at::Half* mins, int64_t m_rows, int64_t k,
-          int64_t tiles, T* out) {
-  const int64_t nb = k / kBlock, n = tiles * kRows;
+void gemm(const T* x, const uint8_t* qdata, int64_t m_rows, int64_t k, int64_t tiles, T* out) {
+  const int64_t nb = k / kBlock, n = tiles * kRows, pair = pair_bytes(kAsym);
   std::vector<int8_t> xq(m_rows * 2 * k);
   std::vector<float> dx(m_rows * nb), cx(m_rows * nb);
   quantize_activations(x, m_rows, k, xq.data(), dx.data(), cx.data());
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const uint8_t* w = packed + t * nb * kTileBlockBytes;
-      const at::Half* s = scales + t * nb * kRows;
-      const at::Half* mn = kAsym ? mins + t * nb * kRows : nullptr;
+      const TileBlocks w{qdata + t * (nb / 2) * pair, pair};
       for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRowsPerPass) {
         const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, m_rows - m0);
         const int8_t* q = xq.data() + m0 * 2 * k;
@@ -148,48 +162,38 @@ void gemm(const T* x, const uint8_t* packed, const at::Half* scales, const at::H
         const float* c = cx.data() + m0 * nb;
         T* o = out + m0 * n + t * kRows;
         switch (mb) {
-          case 4: tile_pass<kAsym, 4>(w, s, mn, nb, q, d, c, k, o, n); break;
-          case 3: tile_pass<kAsym, 3>(w, s, mn, nb, q, d, c, k, o, n); break;
-          case 2: tile_pass<kAsym, 2>(w, s, mn, nb, q, d, c, k, o, n); break;
-          default: tile_pass<kAsym, 1>(w, s, mn, nb, q, d, c, k, o, n); break;
+          case 4: tile_pass<kAsym, 4>(w, nb, q, d, c, k, o, n); break;
+          case 3: tile_pass<kAsym, 3>(w, nb, q, d, c, k, o, n); break;
+          case 2: tile_pass<kAsym, 2>(w, nb, q, d, c, k, o, n); break;
+          default: tile_pass<kAsym, 1>(w, nb, q, d, c, k, o, n); break;
         }
       }
     }
   });
 }
 
-void check_weight(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& mins) {
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kTileBlockBytes && packed.scalar_type() == at::kByte &&
-                  packed.is_contiguous(),
-              "packed must be contiguous uint8 [tiles, blocks, 256]");
-  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == packed.size(0) && scales.size(1) == packed.size(1) &&
-                  scales.size(2) == kRows && scales.scalar_type() == at::kHalf && scales.is_contiguous(),
-              "scales must be contiguous float16 [tiles, blocks, 16]");
-  if (mins.has_value()) {
-    TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == at::kHalf && mins->is_contiguous(),
-                "mins must be like scales");
-  }
+void check_weight(const at::Tensor& qdata, bool asym) {
+  TORCH_CHECK(qdata.dim() == 3 && qdata.size(2) == pair_bytes(asym) && qdata.scalar_type() == at::kByte &&
+                  qdata.is_contiguous(),
+              "qdata must be contiguous uint8 [tiles, block pairs, 576 (640 with mins)]");
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& mins) {
-  check_weight(packed, scales, mins);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == packed.size(1) * kBlock, "x must be [M, blocks * 32]");
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, bool asym) {
+  check_weight(qdata, asym);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == qdata.size(1) * 2 * kBlock, "x must be [M, block pairs * 64]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
   const at::Tensor xc = x.contiguous();
-  const int64_t m_rows = xc.size(0), k = xc.size(1), tiles = packed.size(0);
+  const int64_t m_rows = xc.size(0), k = xc.size(1), tiles = qdata.size(0);
   at::Tensor out = at::empty({m_rows, tiles * kRows}, xc.options());
   if (m_rows == 0) return out;
-  const auto* w = packed.data_ptr<uint8_t>();
-  const auto* s = scales.data_ptr<at::Half>();
-  const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
+  const auto* w = qdata.data_ptr<uint8_t>();
   if (xc.scalar_type() == at::kFloat) {
-    if (mn) gemm<true>(xc.data_ptr<float>(), w, s, mn, m_rows, k, tiles, out.data_ptr<float>());
-    else gemm<false>(xc.data_ptr<float>(), w, s, mn, m_rows, k, tiles, out.data_ptr<float>());
+    if (asym) gemm<true>(xc.data_ptr<float>(), w, m_rows, k, tiles, out.data_ptr<float>());
+    else gemm<false>(xc.data_ptr<float>(), w, m_rows, k, tiles, out.data_ptr<float>());
   } else {
     using BF = at::BFloat16;
-    if (mn) gemm<true>(xc.data_ptr<BF>(), w, s, mn, m_rows, k, tiles, out.data_ptr<BF>());
-    else gemm<false>(xc.data_ptr<BF>(), w, s, mn, m_rows, k, tiles, out.data_ptr<BF>());
+    if (asym) gemm<true>(xc.data_ptr<BF>(), w, m_rows, k, tiles, out.data_ptr<BF>());
+    else gemm<false>(xc.data_ptr<BF>(), w, m_rows, k, tiles, out.data_ptr<BF>());
   }
   return out;
 }
@@ -220,22 +224,23 @@ inline __m512 dequant16(__m128i codes, float scale, const float* min) {
 }
 
 template <typename T>
-void dequant_tiles(const uint8_t* w, const at::Half* s, const at::Half* mn, int64_t nb, int64_t tile0, int64_t tile1,
-                   T* out) {
-  const int64_t k = nb * kBlock;
+void dequant_tiles(const uint8_t* qdata, bool asym, int64_t nb, int64_t tile0, int64_t tile1, T* out) {
+  const int64_t k = nb * kBlock, pair = pair_bytes(asym);
   const __m128i low4 = _mm_set1_epi8(0x0F);
   at::parallel_for(tile0, tile1, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
+      const TileBlocks w{qdata + t * (nb / 2) * pair, pair};
       for (int64_t b = 0; b < nb; ++b) {
         __m512i q[4];
-        block_rows(w + (t * nb + b) * kTileBlockBytes, q);
+        block_rows(w.codes(b), q);
+        const at::Half* s = w.scales(b);
+        const at::Half* mn = asym ? w.mins(b) : nullptr;
         alignas(64) uint8_t rows[kRows * 16];
         for (int g = 0; g < 4; ++g) _mm512_store_si512(rows + 64 * g, q[g]);
-        const int64_t sb = (t * nb + b) * kRows;
         for (int r = 0; r < kRows; ++r) {
           const __m128i row_bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(rows + 16 * r));
-          const float sc = static_cast<float>(s[sb + r]);
-          const float mi = mn ? static_cast<float>(mn[sb + r]) : 0.f;
+          const float sc = static_cast<float>(s[r]);
+          const float mi = mn ? static_cast<float>(mn[r]) : 0.f;
           const float* min = mn ? &mi : nullptr;
           T* dst = out + ((t - tile0) * kRows + r) * k + b * kBlock;
           store16(dst, dequant16(_mm_and_si128(row_bytes, low4), sc, min));
@@ -247,26 +252,23 @@ void dequant_tiles(const uint8_t* w, const at::Half* s, const at::Half* mn, int6
 }
 
 // The weight rows of tiles [tile0, tile1) as a dense [rows, K] tensor of `dtype` (float32 or bfloat16).
-at::Tensor int4_dequant(const at::Tensor& packed, const at::Tensor& scales, const c10::optional<at::Tensor>& mins,
-                        int64_t tile0, int64_t tile1, at::ScalarType dtype) {
-  check_weight(packed, scales, mins);
-  TORCH_CHECK(0 <= tile0 && tile0 <= tile1 && tile1 <= packed.size(0), "tile range out of bounds");
+at::Tensor int4_dequant(const at::Tensor& qdata, bool asym, int64_t tile0, int64_t tile1, at::ScalarType dtype) {
+  check_weight(qdata, asym);
+  TORCH_CHECK(0 <= tile0 && tile0 <= tile1 && tile1 <= qdata.size(0), "tile range out of bounds");
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "dequant writes float32 or bfloat16");
-  const int64_t nb = packed.size(1);
-  at::Tensor out = at::empty({(tile1 - tile0) * kRows, nb * kBlock}, packed.options().dtype(dtype));
-  const auto* w = packed.data_ptr<uint8_t>();
-  const auto* s = scales.data_ptr<at::Half>();
-  const at::Half* mn = mins.has_value() ? mins->data_ptr<at::Half>() : nullptr;
-  if (dtype == at::kFloat) dequant_tiles(w, s, mn, nb, tile0, tile1, out.data_ptr<float>());
-  else dequant_tiles(w, s, mn, nb, tile0, tile1, out.data_ptr<at::BFloat16>());
+  const int64_t nb = qdata.size(1) * 2;
+  at::Tensor out = at::empty({(tile1 - tile0) * kRows, nb * kBlock}, qdata.options().dtype(dtype));
+  const auto* w = qdata.data_ptr<uint8_t>();
+  if (dtype == at::kFloat) dequant_tiles(w, asym, nb, tile0, tile1, out.data_ptr<float>());
+  else dequant_tiles(w, asym, nb, tile0, tile1, out.data_ptr<at::BFloat16>());
   return out;
 }
 
 }  // namespace
 
 TORCH_LIBRARY(airun_int4, m) {
-  m.def("linear(Tensor x, Tensor packed, Tensor scales, Tensor? mins) -> Tensor");
-  m.def("dequant(Tensor packed, Tensor scales, Tensor? mins, int tile0, int tile1, ScalarType dtype) -> Tensor");
+  m.def("linear(Tensor x, Tensor qdata, bool asym) -> Tensor");
+  m.def("dequant(Tensor qdata, bool asym, int tile0, int tile1, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(airun_int4, CPU, m) {

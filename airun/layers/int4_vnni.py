@@ -22,19 +22,26 @@ from airun.layers.quant import DEQUANT_TILE_ELEMENTS, Int4Weight
 ROWS_PER_TILE = 16
 BLOCK = 32
 TILE_BLOCK_BYTES = ROWS_PER_TILE * BLOCK // 2
+PAIR_CODE_BYTES = 2 * TILE_BLOCK_BYTES
+SYMMETRIC_PAIR_BYTES = PAIR_CODE_BYTES + 2 * ROWS_PER_TILE * 2  # codes + float16 scales of two blocks
+ASYMMETRIC_PAIR_BYTES = SYMMETRIC_PAIR_BYTES + 2 * ROWS_PER_TILE * 2  # ... + float16 mins
 KERNEL_MAX_ROWS = 32  # measured (demo and 7B shapes, 2 threads): from ~32 rows on, dequantize + GEMM is as fast or faster
-def _LINEAR(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.airun_int4.linear.default(x, packed, scales, mins)
+
+
+def _linear(x: torch.Tensor, qdata: torch.Tensor, asym: bool) -> torch.Tensor:
+    return torch.ops.airun_int4.linear.default(x, qdata, asym)
 
 
 def vnni_supported(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether the kernel takes this shape: whole tiles of 16 rows, groups that are whole blocks of 32, and a build."""
-    shape_ok = out_features % ROWS_PER_TILE == 0 and in_features % BLOCK == 0 and group_size % BLOCK == 0
+    """Whether the kernel takes this shape: whole tiles of 16 rows, inputs in whole pairs of 32-blocks, groups that are
+    whole blocks, and a build."""
+    shape_ok = out_features % ROWS_PER_TILE == 0 and in_features % (2 * BLOCK) == 0 and group_size % BLOCK == 0
     return shape_ok and in_features % group_size == 0 and native.available()
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` codes in ``[0, 15]`` -> ``[N / 16, K / 32, 256]`` uint8 in the kernel's layout (see the C++ file)."""
+    """``[N, K]`` codes in ``[0, 15]`` -> ``[N / 16, K / 32, 256]`` uint8: each block's codes as the kernel reads them
+    (see the C++ file)."""
     n, k = codes.shape
     c = codes.to(torch.uint8).view(n // ROWS_PER_TILE, ROWS_PER_TILE, k // BLOCK, 2, 4, 4)  # t, r, b, half, j, i
     c = c.permute(0, 2, 4, 1, 5, 3)  # t, b, j, r, i, half
@@ -56,80 +63,94 @@ def _per_block(v: torch.Tensor, group_size: int) -> torch.Tensor:
     return v.view(n // ROWS_PER_TILE, ROWS_PER_TILE, -1).transpose(1, 2).to(torch.float16).contiguous()
 
 
+def _pairs(x: torch.Tensor) -> torch.Tensor:
+    """``[T, nb, ...]`` -> ``[T, nb / 2, bytes of two blocks]`` uint8."""
+    t, nb = x.shape[:2]
+    return x.contiguous().view(torch.uint8).reshape(t, nb // 2, -1)
+
+
+def pack_weight(w: Int4Weight) -> tuple[torch.Tensor, bool]:
+    """``(qdata, asym)``: the kernel's single tensor ``[N / 16, K / 64, 576 or 640]`` for ``w`` (layout in the C++ file),
+    and whether it carries mins (False when ``mins == -8 * scales`` exactly, as GGUF Q4_0: then none are stored)."""
+    asym = not torch.equal(w.mins, -8.0 * w.scales)
+    parts = [_pairs(pack_codes(w.codes)), _pairs(_per_block(w.scales, w.group_size))]
+    if asym:
+        parts.append(_pairs(_per_block(w.mins, w.group_size)))
+    return torch.cat(parts, dim=-1).contiguous(), asym
+
+
 class Int4VnniLinear(nn.Module):
     """``y = x @ W.T`` for a group-wise int4 weight, a drop-in for ``nn.Linear(in, out, bias=False)``.
 
-    Invariants: ``packed`` uint8 ``[N / 16, K / 32, 256]`` (layout in ``int4_vnni.cpp``); ``scales`` float16
-    ``[N / 16, K / 32, 16]``; ``mins`` the same, or an empty tensor for symmetric weights (``mins == -8 * scales``,
-    GGUF Q4_0), which the kernel then never reads. The output has the dtype of ``x``."""
+    Invariants: ``qdata`` uint8 ``[N / 16, K / 64, 576]`` for symmetric weights (``mins == -8 * scales``, GGUF Q4_0;
+    18 bytes per 32 weights, as the GGUF block) or ``[N / 16, K / 64, 640]`` with mins (20 bytes, as Q4_1): per tile of
+    16 rows and pair of 32-input blocks, the codes, float16 scales and mins in one stream (``int4_vnni.cpp``). The
+    output has the dtype of ``x``."""
 
     def __init__(self, in_features: int, out_features: int, group_size: int, device: torch.device | str | None = None):
         super().__init__()
-        if out_features % ROWS_PER_TILE or in_features % BLOCK or group_size % BLOCK or in_features % group_size:
+        if not (out_features % ROWS_PER_TILE == 0 and in_features % (2 * BLOCK) == 0 and group_size % BLOCK == 0
+                and in_features % group_size == 0):
             raise ValueError(f"the int4 VNNI kernel takes no {out_features}x{in_features} weight in groups of {group_size}")
         if not native.available():
             raise RuntimeError("airun's native kernels are not available on this machine (see the log)")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        tiles, blocks = out_features // ROWS_PER_TILE, in_features // BLOCK
-        self.register_buffer("packed", torch.empty(tiles, blocks, TILE_BLOCK_BYTES, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(tiles, blocks, ROWS_PER_TILE, dtype=torch.float16, device=device))
-        self.register_buffer("mins", torch.empty(tiles, blocks, ROWS_PER_TILE, dtype=torch.float16, device=device))
+        shape = (out_features // ROWS_PER_TILE, in_features // (2 * BLOCK), ASYMMETRIC_PAIR_BYTES)
+        self.register_buffer("qdata", torch.empty(shape, dtype=torch.uint8, device=device))
 
     def extra_repr(self) -> str:
-        kind = "symmetric" if self.symmetric else "with mins"
+        kind = "with mins" if self.asym else "symmetric"
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group_size}, {kind}"
 
     @property
+    def asym(self) -> bool:
+        return self.qdata.shape[-1] == ASYMMETRIC_PAIR_BYTES
+
+    @property
     def symmetric(self) -> bool:
-        return self.mins.numel() == 0
+        return not self.asym
+
+    def codes(self) -> torch.Tensor:
+        """The ``[N, K]`` codes (for tests and inspection)."""
+        t, p, _ = self.qdata.shape
+        return unpack_codes(self.qdata[..., :PAIR_CODE_BYTES].reshape(t, 2 * p, TILE_BLOCK_BYTES))
 
     @torch.no_grad()
     def load(self, w: Int4Weight) -> None:
         """Packs the complete weight ``w``. Scales and mins are stored in float16 (exact for GGUF's Q4_0 and Q4_1,
-        whose d and m are float16); a weight whose mins are exactly ``-8 * scales`` is stored without mins. Raises
-        ValueError when a scale or min does not fit float16."""
+        whose d and m are float16). Raises ValueError when a scale or min does not fit float16."""
         if w.shape != (self.out_features, self.in_features) or w.group_size != self.group_size:
             raise ValueError(f"int4 weight {w.shape} (group {w.group_size}) does not fit {self}")
         fp16_max = torch.finfo(torch.float16).max
         if max(float(w.scales.abs().max()), float(w.mins.abs().max())) > fp16_max:
             raise ValueError("int4 scales or mins beyond the float16 range")
-        dev = self.packed.device
-        self.packed = pack_codes(w.codes).to(dev)
-        self.scales = _per_block(w.scales, self.group_size).to(dev)
-        sym = torch.equal(w.mins, -8.0 * w.scales)
-        self.mins = torch.empty(0, dtype=torch.float16, device=dev) if sym else _per_block(w.mins, self.group_size).to(dev)
+        self.qdata = pack_weight(w)[0].to(self.qdata.device)
 
-    def _mins_arg(self) -> torch.Tensor | None:
-        return None if self.symmetric else self.mins
-
-    def _weight_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(packed, scales, mins or None), cached: a decode step calls this layer's kernel hundreds of times, and
-        nn.Module's attribute lookup of buffers is a measurable part of that. Rebuilt when a buffer was replaced."""
+    def _weight_args(self) -> tuple[torch.Tensor, bool]:
+        """(qdata, asym), cached: a decode step calls this layer's kernel hundreds of times, and nn.Module's attribute
+        lookup of buffers is a measurable part of that. Rebuilt when the buffer was replaced."""
         args = self.__dict__.get("_args")
-        if args is None or args[0] is not self._buffers["packed"] or args[1] is not self._buffers["scales"] or (
-            args[2] is not None and args[2] is not self._buffers["mins"]
-        ):
-            args = (self.packed, self.scales, self._mins_arg())
+        if args is None or args[0] is not self._buffers["qdata"]:
+            args = (self.qdata, self.asym)
             self.__dict__["_args"] = args
         return args
 
     def kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]`` through the VNNI kernel (float32 or bfloat16 in and out)."""
         if x2.dtype not in (torch.float32, torch.bfloat16):
-            return _LINEAR(x2.float(), *self._weight_args()).to(x2.dtype)
-        return _LINEAR(x2, *self._weight_args())
+            return _linear(x2.float(), *self._weight_args()).to(x2.dtype)
+        return _linear(x2, *self._weight_args())
 
     def dequantize(self, dtype: torch.dtype = torch.float32, tile0: int = 0, tile1: int | None = None) -> torch.Tensor:
         """Rows ``[16 * tile0, 16 * tile1)`` of the weight the layer computes with, ``[rows, K]`` in ``dtype``."""
-        tile1 = self.packed.shape[0] if tile1 is None else tile1
-        native = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
-        w = torch.ops.airun_int4.dequant(self.packed, self.scales, self._mins_arg(), tile0, tile1, native)
-        return w.to(dtype)
+        tile1 = self.qdata.shape[0] if tile1 is None else tile1
+        native_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        return torch.ops.airun_int4.dequant(self.qdata, self.asym, tile0, tile1, native_dtype).to(dtype)
 
     def dequant_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]`` by dense GEMMs over tiles of the weight dequantized to the dtype of ``x2``."""
         y = x2.new_empty(x2.shape[0], self.out_features)
-        tiles = self.packed.shape[0]
+        tiles = self.qdata.shape[0]
         step = max(1, DEQUANT_TILE_ELEMENTS // (self.in_features * ROWS_PER_TILE))
         for t0 in range(0, tiles, step):
             t1 = min(t0 + step, tiles)
@@ -138,10 +159,10 @@ class Int4VnniLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
-            return _LINEAR(x, *self._weight_args())  # the decode path, kept short
+            return _linear(x, *self._weight_args())  # the decode path, kept short
         x2 = x.reshape(-1, self.in_features)
         y = self.kernel_matmul(x2) if x2.shape[0] <= KERNEL_MAX_ROWS else self.dequant_matmul(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
 
-__all__ = ["KERNEL_MAX_ROWS", "Int4VnniLinear", "pack_codes", "unpack_codes", "vnni_supported"]
+__all__ = ["KERNEL_MAX_ROWS", "Int4VnniLinear", "pack_codes", "pack_weight", "unpack_codes", "vnni_supported"]
