@@ -25,7 +25,7 @@ TILE_BLOCK_BYTES = ROWS_PER_TILE * BLOCK // 2
 PAIR_CODE_BYTES = 2 * TILE_BLOCK_BYTES
 SYMMETRIC_PAIR_BYTES = PAIR_CODE_BYTES + 2 * ROWS_PER_TILE * 2  # codes + float16 scales of two blocks
 ASYMMETRIC_PAIR_BYTES = SYMMETRIC_PAIR_BYTES + 2 * ROWS_PER_TILE * 2  # ... + float16 mins
-KERNEL_MAX_ROWS = 32  # measured (demo and 7B shapes, 2 threads): from ~32 rows on, dequantize + GEMM is as fast or faster
+KERNEL_MAX_ROWS = 96  # measured (demo and 7B shapes, 2 threads): from ~96-128 rows on, dequantize + GEMM is as fast or faster
 
 
 def _linear(x: torch.Tensor, qdata: torch.Tensor, asym: bool) -> torch.Tensor:
