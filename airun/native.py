@@ -44,7 +44,7 @@ def cpu_has_flags() -> bool:
 
 @functools.cache
 def available() -> bool:
-    """Whether the kernels are loaded, building them on the first call of the process (about 30 s, once per source
+    """Whether the kernels are loaded, building them on the first call of the process (under a minute, once per source
     change). False, with the reason logged, when disabled, unsupported by the CPU, or the build fails."""
     if os.environ.get("AIRUN_NATIVE_KERNELS", "1") == "0":
         log.info("native kernels disabled by AIRUN_NATIVE_KERNELS=0")
@@ -69,7 +69,7 @@ def available() -> bool:
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         build = default_cache_dir() / "torch_extensions" / f"native_{digest}"
         if not (build / f"airun_native_{digest}.so").exists():
-            log.warning("building airun's native CPU kernels once (about 30 s) into %s", build)
+            log.warning("building airun's native CPU kernels once (under a minute) into %s", build)
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=f"airun_native_{digest}",
