@@ -3,10 +3,12 @@
 Builds (once, into the cache, never the repository) a GGUF with Mistral-7B-Instruct-v0.2's real config and tokenizer
 and random weights, every matrix stored as Q4_0 (llama.cpp's ``--pure`` Q4_0: the output matrix too), then in one run:
 
-- the bound: bytes per second of a large copy (reads + writes) and of a large read-only reduction, each divided by the
-  bytes of weights a decode step reads (every matrix but the token embedding, whose rows are looked up);
 - airun (``bench/airun_worker.py``) and llama.cpp (``bench/llamacpp_worker.py``, in its own venv) on the same token
-  ids: greedy decode of ``--max-tokens`` tokens from a 32-token prompt, 2 threads, one after the other.
+  ids: greedy decode of ``--max-tokens`` tokens from a 32-token prompt, 2 threads, one after the other, ``--rounds``
+  times;
+- the bound, right before and after each engine (this host's bandwidth drifts by tens of percent over minutes): bytes
+  per second of a large read-only reduction (and, for reference, of a large copy, reads + writes), divided by the bytes
+  of weights a decode step reads (every matrix but the token embedding, whose rows are looked up).
 
     python bench/bench_7b.py [--threads 2] [--max-tokens 64] [--llamacpp-python PATH]
 
@@ -141,6 +143,7 @@ def main() -> None:
     ap.add_argument("--gguf", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="airun then llama.cpp, this many times")
     ap.add_argument("--llamacpp-python", default=str(Path.home() / ".cache/airun/peers/llamacpp/bin/python"))
     a = ap.parse_args()
     path = a.gguf or default_path()
@@ -148,31 +151,38 @@ def main() -> None:
     build_gguf(path)
     print(f"model: {path} ({path.stat().st_size / 1e9:.2f} GB, ready in {time.time() - t:.0f} s)", file=sys.stderr)
     per_token = bytes_per_token()
-    bw = bandwidth(threads=a.threads)
     rng = np.random.default_rng(1)
-    chat = [[1] + rng.integers(100, 30000, size=31).tolist()]
-    prompts = {"chat": chat, "long": [1] + rng.integers(100, 30000, size=63).tolist()}
+    prompts = {"chat": [[1] + rng.integers(100, 30000, size=31).tolist()],
+               "long": [1] + rng.integers(100, 30000, size=63).tolist()}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
     common = ["--prompts", f.name, "--threads", str(a.threads), "--max-tokens", str(a.max_tokens), "--concurrency", "1"]
     env = {"PYTHONPATH": str(ROOT)}
-    res = {"airun": run_child(["bench/airun_worker.py", "--model", str(path), *common], env=env, timeout=7200)}
+    engines = {"airun": (None, "bench/airun_worker.py")}
     if Path(a.llamacpp_python).exists():
-        res["llama.cpp"] = run_child(["bench/llamacpp_worker.py", "--model", str(path), *common], env=env,
-                                     python=a.llamacpp_python, timeout=7200)
-    print(f"weights read per token: {per_token / 1e9:.3f} GB; bandwidth: {json.dumps(bw)}")
-    bound_copy = bw["copy_gb_s"] * 1e9 / per_token
-    bound_read = bw["read_gb_s"] * 1e9 / per_token
-    print(f"bound: {bound_copy:.2f} tok/s (copy, read + written bytes), {bound_read:.2f} tok/s (read-only sum)")
-    print("| engine | decode tok/s | weight GB/s | of copy bound | of read bound | prefill tok/s (64) | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in res.items():
-        tok = r["decode_tok_s"]
-        print(f"| {name} | {tok} | {tok * per_token / 1e9:.1f} | {tok / bound_copy:.0%} | {tok / bound_read:.0%} | "
-              f"{r['prefill_tok_s']} | {r['peak_rss_mib']} |")
-    if "llama.cpp" in res:
-        print(f"airun / llama.cpp decode: {res['airun']['decode_tok_s'] / res['llama.cpp']['decode_tok_s']:.2f}x")
-    print(json.dumps({"bandwidth": bw, "bytes_per_token": per_token, **res}))
+        engines["llama.cpp"] = (a.llamacpp_python, "bench/llamacpp_worker.py")
+    print(f"weights read per token: {per_token / 1e9:.3f} GB")
+    print("| round | engine | decode tok/s | weight GB/s | read GB/s around it | of read bound | copy GB/s around it "
+          "| peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for rnd in range(a.rounds):
+        for name, (python, worker) in engines.items():
+            # The host's memory bandwidth drifts (it is shared): measure it right before and after each engine.
+            before = bandwidth(threads=a.threads)
+            r = run_child([worker, "--model", str(path), *common], env=env, python=python, timeout=7200)
+            after = bandwidth(threads=a.threads)
+            read = max(before["read_gb_s"], after["read_gb_s"])  # the bound: the better of the two
+            copy = max(before["copy_gb_s"], after["copy_gb_s"])
+            tok = r["decode_tok_s"]
+            rows.append({"round": rnd, "engine": name, "bw_before": before, "bw_after": after, **r})
+            print(f"| {rnd + 1} | {name} | {tok} | {tok * per_token / 1e9:.1f} | {read} | "
+                  f"{tok * per_token / 1e9 / read:.0%} | {copy} | {r['peak_rss_mib']} |", flush=True)
+    if "llama.cpp" in engines:
+        for rnd in range(a.rounds):
+            ours, theirs = (next(x for x in rows if x["round"] == rnd and x["engine"] == e) for e in engines)
+            print(f"round {rnd + 1}: airun / llama.cpp decode {ours['decode_tok_s'] / theirs['decode_tok_s']:.2f}x")
+    print(json.dumps({"bytes_per_token": per_token, "runs": rows}))
 
 
 if __name__ == "__main__":

@@ -212,9 +212,11 @@ def test_fused_rope_and_cache_write_equal_the_pytorch_code(dtype: torch.dtype) -
 
 
 def test_engine_numerics_hold_without_the_native_kernels() -> None:
-    """The PyTorch fallback of every native op, checked against transformers by the same tests."""
+    """The PyTorch fallback of every native op, checked against transformers (and the LoRA layer against its
+    reference) by the same tests."""
     env = dict(os.environ, AIRUN_NATIVE_KERNELS="0", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine_numerics.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_engine_numerics.py",
+           "tests/test_lora_layer.py"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
