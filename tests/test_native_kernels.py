@@ -211,6 +211,31 @@ def test_fused_rope_and_cache_write_equal_the_pytorch_code(dtype: torch.dtype) -
         torch.ops.airun_fused.rope_kv(qkv, cos, sin, kc, vc, slots + 64, h, kvh)  # a slot outside the cache
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_lora_op_adds_each_rows_adapter_update(wdtype: torch.dtype) -> None:
+    """out[t, slice] += (x[t] @ A[slot]) [slice ranks] @ B[slot], rows of slot 0 and untargeted slices untouched."""
+    gen = torch.Generator().manual_seed(7)
+    slots, k, r, widths = 4, 64, 8, (48, 16, 16)
+    a = torch.randn(slots, k, 3 * r, generator=gen).to(wdtype)
+    a[0] = 0
+    bs = [torch.randn(slots, r, w, generator=gen).to(wdtype) for w in widths]
+    x = torch.randn(7, k, generator=gen).bfloat16()
+    base = torch.randn(7, sum(widths), generator=gen).bfloat16()
+    segments = [(2, 0, 3), (1, 4, 2), (3, 6, 1)]  # row 3 has no adapter
+    out = base.clone()
+    updated = [0, 2]  # slices 0 and 2 targeted, slice 1 not
+    offsets = [0, 48 + 16]
+    torch.ops.airun_lora.apply(out, x, a, [bs[i] for i in updated], updated, offsets,
+                               [v for seg in segments for v in seg], r)
+    want = base.double()
+    for slot, first, n in segments:
+        h = x[first : first + n].double() @ a[slot].double()
+        for i, off in zip(updated, offsets):
+            want[first : first + n, off : off + widths[i]] += h[:, i * r : (i + 1) * r] @ bs[i][slot].double()
+    assert torch.equal(out[3], base[3]) and torch.equal(out[:, 48:64], base[:, 48:64])
+    torch.testing.assert_close(out.double(), want, rtol=1e-2, atol=5e-2)  # one bf16 rounding of each output
+
+
 def test_engine_numerics_hold_without_the_native_kernels() -> None:
     """The PyTorch fallback of every native op, checked against transformers (and the LoRA layer against its
     reference) by the same tests."""

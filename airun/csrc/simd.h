@@ -12,6 +12,14 @@ inline __m512 load16(const at::BFloat16* p) {  // bfloat16 is the high half of a
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// lanes outside `m` read nothing and are 0
+inline __m512 load16_masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+inline __m512 load16_masked(const at::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 inline void store16(float* dst, __m512 v) { _mm512_storeu_ps(dst, v); }
 
 inline void store16(at::BFloat16* dst, __m512 v) {  // round to nearest even, as PyTorch's float -> bfloat16
