@@ -1,4 +1,4 @@
-"""4-bit decode of a Mistral-7B-shaped model: airun against llama.cpp on the same Q4_0 GGUF, and the memory-bandwidth bound.
+"""4-bit decode of a Mistral-7B-shaped model: airun against llama.cpp on the same Q4_0 GGUF, and the bandwidth bound.
 
 Builds (once, into the cache, never the repository) a GGUF with Mistral-7B-Instruct-v0.2's real config and tokenizer
 and random weights, every matrix stored as Q4_0 (llama.cpp's ``--pure`` Q4_0: the output matrix too), then in one run:
@@ -49,9 +49,14 @@ def gguf_tensor_shapes() -> list[tuple[str, tuple[int, ...]]]:
     out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (c["vocab_size"], h))]
     for b in range(c["num_hidden_layers"]):
         out += [
-            (f"blk.{b}.attn_norm.weight", (h,)), (f"blk.{b}.attn_q.weight", (q, h)), (f"blk.{b}.attn_k.weight", (kv, h)),
-            (f"blk.{b}.attn_v.weight", (kv, h)), (f"blk.{b}.attn_output.weight", (h, q)),
-            (f"blk.{b}.ffn_norm.weight", (h,)), (f"blk.{b}.ffn_gate.weight", (i, h)), (f"blk.{b}.ffn_up.weight", (i, h)),
+            (f"blk.{b}.attn_norm.weight", (h,)),
+            (f"blk.{b}.attn_q.weight", (q, h)),
+            (f"blk.{b}.attn_k.weight", (kv, h)),
+            (f"blk.{b}.attn_v.weight", (kv, h)),
+            (f"blk.{b}.attn_output.weight", (h, q)),
+            (f"blk.{b}.ffn_norm.weight", (h,)),
+            (f"blk.{b}.ffn_gate.weight", (i, h)),
+            (f"blk.{b}.ffn_up.weight", (i, h)),
             (f"blk.{b}.ffn_down.weight", (h, i)),
         ]
     return out + [("output_norm.weight", (h,)), ("output.weight", (c["vocab_size"], h))]

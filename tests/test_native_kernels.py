@@ -61,8 +61,8 @@ def test_pack_and_unpack_are_inverse() -> None:
 def test_gguf_4bit_weights_dequantize_bit_for_bit(qtype: Q) -> None:
     """And the layer streams as many bytes as the file: 18 per 32 weights for Q4_0, 20 for Q4_1."""
     rows, cols = 64, 512
-    raw = gguf.quants.quantize((0.05 * np.random.default_rng(int(qtype)).standard_normal((rows, cols))).astype(np.float32),
-                               qtype)
+    floats = 0.05 * np.random.default_rng(int(qtype)).standard_normal((rows, cols))
+    raw = gguf.quants.quantize(floats.astype(np.float32), qtype)
     lin = Int4VnniLinear(cols, rows, 32)
     lin.load(repack_int4(torch.from_numpy(raw), int(qtype), cols))
     assert lin.symmetric == (qtype == Q.Q4_0)  # Q4_0 stores no mins

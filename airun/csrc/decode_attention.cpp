@@ -61,7 +61,9 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
       const int64_t s = item / kv_heads, kh = item % kv_heads, n = ctx[s];
       const int64_t* table = tables + s * max_blocks;
       rows.resize(n);
-      for (int64_t p = 0; p < n; ++p) rows[p] = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
+      for (int64_t p = 0; p < n; ++p) {
+        rows[p] = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
+      }
       const int64_t v_offset = vc - kc;
       scores.resize(g * n);
       for (int64_t gi = 0; gi < g; ++gi) {
@@ -125,7 +127,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   at::Tensor out = at::empty({seqs, heads * d}, q.options());
   if (q.scalar_type() == at::kFloat) {
-    decode_dispatch(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt.data_ptr<int64_t>(), lens,
+    decode_dispatch(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), bt.data_ptr<int64_t>(),
+                    lens,
            out.data_ptr<float>(), seqs, heads, kv_heads, d, block_size, max_blocks, static_cast<float>(scale));
   } else {
     using BF = at::BFloat16;
@@ -138,7 +141,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
 }  // namespace
 
 TORCH_LIBRARY(airun_attn, m) {
-  m.def("decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor ctx_lens, float scale) -> Tensor");
+  m.def("decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor ctx_lens, float scale) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(airun_attn, CPU, m) { m.impl("decode", &decode_attention); }

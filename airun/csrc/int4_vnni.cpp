@@ -52,7 +52,8 @@ constexpr int kMaxRowsPerPass = 4;  // activation rows sharing one unpack of the
 constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
 
 // Two int8 levels per block of 32 activations: x ~= unit * (254 * hi + lo), hi = round(x / (254 unit)) with
-// 254 unit = max|x| / 127, lo = round(x / unit - 254 hi) in [-127, 127]. The error is at most unit / 2 = max|x| / 64516,
+// 254 unit = max|x| / 127, lo = round(x / unit - 254 hi) in [-127, 127]. The error is at most
+// unit / 2 = max|x| / 64516,
 // finer than bfloat16's; one int8 level (ggml's Q8_0) errs up to max|x| / 254, enough to flip near-tied greedy tokens.
 // Row m's bytes: block b's hi at [64 b, 64 b + 32), its lo right after. cx = unit * (254 sum(hi) + sum(lo)).
 template <typename T>

@@ -18,7 +18,9 @@ using airun::load16;
 using airun::load16_masked;
 using airun::store16;
 
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1); }
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
 
 // h[0, sr) = x[0, in) @ a[in, sr], accumulated in NV registers (sr <= 16 NV).
 template <int NV, typename T, typename W>
@@ -35,7 +37,8 @@ inline void shrink(const T* x, const W* a, int64_t in, int64_t sr, float* h) {
     const W* row = a + k * sr;
     if (k + kAhead < in) {
       const char* p = reinterpret_cast<const char*>(row + kAhead * sr);
-      for (int64_t line = 0; line < static_cast<int64_t>(sr * sizeof(W)); line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
+      const int64_t bytes = sr * static_cast<int64_t>(sizeof(W));
+      for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(p + line, _MM_HINT_T0);
     }
     for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(xv, load16_masked(row + 16 * v, mask[v]), acc[v]);
   }

@@ -25,7 +25,8 @@ TILE_BLOCK_BYTES = ROWS_PER_TILE * BLOCK // 2
 PAIR_CODE_BYTES = 2 * TILE_BLOCK_BYTES
 SYMMETRIC_PAIR_BYTES = PAIR_CODE_BYTES + 2 * ROWS_PER_TILE * 2  # codes + float16 scales of two blocks
 ASYMMETRIC_PAIR_BYTES = SYMMETRIC_PAIR_BYTES + 2 * ROWS_PER_TILE * 2  # ... + float16 mins
-KERNEL_MAX_ROWS = 96  # measured (demo and 7B shapes, 2 threads): from ~96-128 rows on, dequantize + GEMM is as fast or faster
+# Measured on demo and 7B shapes, 2 threads: from ~96-128 rows on, dequantize + GEMM is as fast or faster.
+KERNEL_MAX_ROWS = 96
 
 
 def _linear(x: torch.Tensor, qdata: torch.Tensor, asym: bool) -> torch.Tensor:
@@ -70,7 +71,8 @@ def _pairs(x: torch.Tensor) -> torch.Tensor:
 
 
 def pack_weight(w: Int4Weight) -> tuple[torch.Tensor, bool]:
-    """``(qdata, asym)``: the kernel's single tensor ``[N / 16, K / 64, 576 or 640]`` for ``w`` (layout in the C++ file),
+    """``(qdata, asym)``: the kernel's single tensor ``[N / 16, K / 64, 576 or 640]`` for ``w`` (layout in the C++
+    file),
     and whether it carries mins (False when ``mins == -8 * scales`` exactly, as GGUF Q4_0: then none are stored)."""
     asym = not torch.equal(w.mins, -8.0 * w.scales)
     parts = [_pairs(pack_codes(w.codes)), _pairs(_per_block(w.scales, w.group_size))]
@@ -91,7 +93,8 @@ class Int4VnniLinear(nn.Module):
         super().__init__()
         if not (out_features % ROWS_PER_TILE == 0 and in_features % (2 * BLOCK) == 0 and group_size % BLOCK == 0
                 and in_features % group_size == 0):
-            raise ValueError(f"the int4 VNNI kernel takes no {out_features}x{in_features} weight in groups of {group_size}")
+            shape = f"{out_features}x{in_features}"
+            raise ValueError(f"the int4 VNNI kernel takes no {shape} weight in groups of {group_size}")
         if not native.available():
             raise RuntimeError("airun's native kernels are not available on this machine (see the log)")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 def _fusable(x: torch.Tensor) -> bool:
     """Whether airun's fused C++ ops (:mod:`airun.native`) take this activation: a contiguous CPU float32 or bfloat16
     tensor. They compute what the PyTorch code beside each call computes, with the same roundings."""
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous() and native.available()
+    cpu_dtype = x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    return cpu_dtype and x.is_contiguous() and native.available()
 
 
 class RMSNorm(nn.Module):
@@ -31,7 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``norm(x)``; with ``residual``, ``(norm(residual + x), residual + x)`` where the sum is written into
         ``residual`` in place (the layer's residual stream)."""
         fused = _fusable(x) and x.dim() == 2 and x.shape[-1] % 16 == 0 and self.weight.dtype == x.dtype
