@@ -66,7 +66,8 @@ def available() -> bool:
         from airun.loader.demo import default_cache_dir
 
         paths = [_CSRC / name for name in SOURCES]
-        key = "".join(p.read_text() for p in paths) + " ".join(CFLAGS) + torch.__version__
+        headers = sorted(_CSRC.glob("*.h"))  # included by the sources: part of what a build is keyed on
+        key = "".join(p.read_text() for p in [*paths, *headers]) + " ".join(CFLAGS) + torch.__version__
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         build = default_cache_dir() / "torch_extensions" / f"native_{digest}"
         if not (build / f"airun_native_{digest}.so").exists():

@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import run_child  # noqa: E402
-from bench.memory_7b import CONFIG  # noqa: E402
+from bench.memory_7b import CONFIG, tensor_shapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 Q4_0_BLOCK, Q4_0_BYTES = 32, 18
@@ -43,23 +43,9 @@ def default_path() -> Path:
 
 def gguf_tensor_shapes() -> list[tuple[str, tuple[int, ...]]]:
     """llama.cpp's tensor names and [rows, cols] (HF orientation) of the Mistral-7B config."""
-    c = CONFIG
-    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (c["vocab_size"], h))]
-    for b in range(c["num_hidden_layers"]):
-        out += [
-            (f"blk.{b}.attn_norm.weight", (h,)),
-            (f"blk.{b}.attn_q.weight", (q, h)),
-            (f"blk.{b}.attn_k.weight", (kv, h)),
-            (f"blk.{b}.attn_v.weight", (kv, h)),
-            (f"blk.{b}.attn_output.weight", (h, q)),
-            (f"blk.{b}.ffn_norm.weight", (h,)),
-            (f"blk.{b}.ffn_gate.weight", (i, h)),
-            (f"blk.{b}.ffn_up.weight", (i, h)),
-            (f"blk.{b}.ffn_down.weight", (h, i)),
-        ]
-    return out + [("output_norm.weight", (h,)), ("output.weight", (c["vocab_size"], h))]
+    from tests.fixtures_models import gguf_name_of
+
+    return [(gguf_name_of(name), shape) for name, shape in tensor_shapes()]
 
 
 def random_q4_0(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Group-wise int4 linears on airun's own AVX-512 VNNI kernel (``airun/csrc/int4_vnni.cpp``), for x86 CPUs that have it.
 
 PyTorch's ``_weight_int4pack_mm_for_cpu`` reads int4 weights at about half the memory bandwidth, so a 4-bit 7B model
-decodes at about half of llama.cpp's speed with it. This kernel does what ggml's Q4_0 x Q8_0 path does: activations
-are quantized to int8 per block of 32, and each weight block is a VNNI dot product of unsigned codes with them,
+decodes at about half of llama.cpp's speed with it. This kernel works as ggml's Q4_0 x Q8_0 path does, with
+finer activations: they are quantized to two int8 levels per block of 32 (error below bfloat16's; one level, as
+ggml's, flips near-tied greedy tokens), and each weight block is a VNNI dot product of unsigned codes with them,
 sixteen output rows per instruction. Where :func:`airun.native.available` is False (no C++ build, no AVX-512 VNNI, or
 ``AIRUN_NATIVE_KERNELS=0``), int4 layers use :class:`~airun.layers.quant.Int4Linear` instead.
 
@@ -33,11 +34,15 @@ def _linear(x: torch.Tensor, qdata: torch.Tensor, asym: bool) -> torch.Tensor:
     return torch.ops.airun_int4.linear.default(x, qdata, asym)
 
 
+def _shape_ok(out_features: int, in_features: int, group_size: int) -> bool:
+    """Whole tiles of 16 rows, inputs in whole pairs of 32-blocks, groups that are whole blocks."""
+    return (out_features % ROWS_PER_TILE == 0 and in_features % (2 * BLOCK) == 0 and group_size % BLOCK == 0
+            and in_features % group_size == 0)
+
+
 def vnni_supported(out_features: int, in_features: int, group_size: int) -> bool:
-    """Whether the kernel takes this shape: whole tiles of 16 rows, inputs in whole pairs of 32-blocks, groups that are
-    whole blocks, and a build."""
-    shape_ok = out_features % ROWS_PER_TILE == 0 and in_features % (2 * BLOCK) == 0 and group_size % BLOCK == 0
-    return shape_ok and in_features % group_size == 0 and native.available()
+    """Whether the kernel takes this shape (:func:`_shape_ok`) and is built."""
+    return _shape_ok(out_features, in_features, group_size) and native.available()
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
@@ -91,8 +96,7 @@ class Int4VnniLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, group_size: int, device: torch.device | str | None = None):
         super().__init__()
-        if not (out_features % ROWS_PER_TILE == 0 and in_features % (2 * BLOCK) == 0 and group_size % BLOCK == 0
-                and in_features % group_size == 0):
+        if not _shape_ok(out_features, in_features, group_size):
             shape = f"{out_features}x{in_features}"
             raise ValueError(f"the int4 VNNI kernel takes no {shape} weight in groups of {group_size}")
         if not native.available():

@@ -13,7 +13,8 @@ The rows of one step are cut once (:meth:`LoRAContext.set_runs`) into runs of eq
 The model runner places the rows of one adapter side by side, so in the common case (decode steps) the adapter rows
 are one block of equal runs: one batched matmul pair over a view of the input and of the stacked weights, no gather
 and no scatter. Uneven runs are padded into such a batch (a gather and a scatter-add) when padding at most doubles the
-rows, and otherwise get one matmul pair each.
+rows, and otherwise get one matmul pair each. On a CPU with :mod:`airun.native`, one op (``airun/csrc/lora.cpp``)
+applies the update of every layout instead, from the segments alone.
 """
 
 from __future__ import annotations
@@ -250,7 +251,7 @@ class LoRALinear(nn.Module):
         if (x.device.type == "cpu" and x.dtype == out.dtype and x.dtype in _NATIVE_DTYPES
                 and self.lora_a.dtype in _NATIVE_DTYPES and x.is_contiguous() and out.is_contiguous()
                 and native.available()):
-            # one op for every mode: the same float32 products, without ~10 small PyTorch ops per projection
+            # one op for every layout, accumulating in float32, instead of ~10 small PyTorch ops per projection
             ups = self._updates(batch)
             torch.ops.airun_lora.apply(
                 out, x, self.lora_a, [self._buffers[b] for _, _, _, b in ups], [i for i, _, _, _ in ups],
