@@ -35,7 +35,7 @@ inline void softmax(float* sc, int64_t n) {
     sum16 = _mm512_add_ps(sum16, e);
   }
   if (p < n) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - p)) - 1);
+    const __mmask16 tail = airun::tail_mask(n - p);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + p), _mm512_set1_ps(mx)));
     _mm512_mask_storeu_ps(sc + p, tail, e);
     sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(tail, e));
@@ -56,15 +56,14 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
   const int64_t grain = keys * heads * d < kMinParallelMacs ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<const T*> rows;  // cache row of each key position for this (sequence, KV head)
+    std::vector<int64_t> rows;  // element offset of each key position's row for this (sequence, KV head)
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item / kv_heads, kh = item % kv_heads, n = ctx[s];
       const int64_t* table = tables + s * max_blocks;
       rows.resize(n);
       for (int64_t p = 0; p < n; ++p) {
-        rows[p] = kc + ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
+        rows[p] = ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
       }
-      const int64_t v_offset = vc - kc;
       scores.resize(g * n);
       for (int64_t gi = 0; gi < g; ++gi) {
         const T* src = q + (s * heads + kh * g + gi) * d;
@@ -72,15 +71,16 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
         for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(load16(src + 16 * c), _mm512_set1_ps(scale));
         float* sc = &scores[gi * n];
         for (int64_t p = 0; p < n; ++p) {
-          __m512 a = _mm512_mul_ps(qv[0], load16(rows[p]));
-          for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(rows[p] + 16 * c), a);
+          const T* kp = kc + rows[p];
+          __m512 a = _mm512_mul_ps(qv[0], load16(kp));
+          for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(kp + 16 * c), a);
           sc[p] = _mm512_reduce_add_ps(a);
         }
         softmax(sc, n);
         __m512 acc[NC];
         for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
         for (int64_t p = 0; p < n; ++p) {
-          const T* vp = rows[p] + v_offset;
+          const T* vp = vc + rows[p];
           const __m512 w = _mm512_set1_ps(sc[p]);
           for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vp + 16 * c), acc[c]);
         }

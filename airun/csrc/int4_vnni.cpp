@@ -103,7 +103,7 @@ inline __m512i block_dot(const __m512i lo[4], const __m512i hi[4], const int32_t
 
 // Accumulates one tile (16 output rows) for MB activation rows over all nb blocks into acc[MB].
 template <bool kAsym, int MB>
-inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* dx, const float* cx, int64_t k,
+inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* unit, const float* cx, int64_t k,
                      __m512* acc) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
@@ -127,7 +127,7 @@ inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* dx
       const __m512 coarse = _mm512_cvtepi32_ps(block_dot(lo, hi, xb));
       const __m512 fine = _mm512_cvtepi32_ps(block_dot(lo, hi, xb + kBlock / 4));
       const __m512 dot = _mm512_fmadd_ps(coarse, _mm512_set1_ps(254.f), fine);  // exact: |dot| < 2^24
-      const float d = dx[m * nb + b], c = cx[m * nb + b];
+      const float d = unit[m * nb + b], c = cx[m * nb + b];
       if constexpr (kAsym) {
         acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(dot, _mm512_set1_ps(d)), sv, acc[m]);
         acc[m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(c), acc[m]);
@@ -140,10 +140,10 @@ inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* dx
 }
 
 template <bool kAsym, int MB, typename T>
-inline void tile_pass(TileBlocks w, int64_t nb, const int8_t* xq, const float* dx, const float* cx, int64_t k, T* out,
+inline void tile_pass(TileBlocks w, int64_t nb, const int8_t* xq, const float* unit, const float* cx, int64_t k, T* out,
                       int64_t n) {
   __m512 acc[MB];
-  tile_dot<kAsym, MB>(w, nb, xq, dx, cx, k, acc);
+  tile_dot<kAsym, MB>(w, nb, xq, unit, cx, k, acc);
   for (int m = 0; m < MB; ++m) store16(out + m * n, acc[m]);
 }
 
@@ -151,15 +151,15 @@ template <bool kAsym, typename T>
 void gemm(const T* x, const uint8_t* qdata, int64_t m_rows, int64_t k, int64_t tiles, T* out) {
   const int64_t nb = k / kBlock, n = tiles * kRows, pair = pair_bytes(kAsym);
   std::vector<int8_t> xq(m_rows * 2 * k);
-  std::vector<float> dx(m_rows * nb), cx(m_rows * nb);
-  quantize_activations(x, m_rows, k, xq.data(), dx.data(), cx.data());
+  std::vector<float> unit(m_rows * nb), cx(m_rows * nb);
+  quantize_activations(x, m_rows, k, xq.data(), unit.data(), cx.data());
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const TileBlocks w{qdata + t * (nb / 2) * pair, pair};
       for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRowsPerPass) {
         const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, m_rows - m0);
         const int8_t* q = xq.data() + m0 * 2 * k;
-        const float* d = dx.data() + m0 * nb;
+        const float* d = unit.data() + m0 * nb;
         const float* c = cx.data() + m0 * nb;
         T* o = out + m0 * n + t * kRows;
         switch (mb) {

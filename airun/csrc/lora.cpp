@@ -17,10 +17,8 @@ namespace {
 using airun::load16;
 using airun::load16_masked;
 using airun::store16;
+using airun::tail_mask;
 
-inline __mmask16 tail_mask(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
-}
 
 // h[0, sr) = x[0, in) @ a[in, sr], accumulated in NV registers (sr <= 16 NV).
 template <int NV, typename T, typename W>
