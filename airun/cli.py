@@ -33,6 +33,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="keep weights in int8 (per channel) or int4 (group-wise) in memory; default: a GGUF file keeps its own "
         "quantization when the dtype is 16-bit, other checkpoints stay float; none: never quantize",
     )
+    g.add_argument("--one-level-from", type=_non_negative, default=16, metavar="N",
+                   help="from N sequences in a step on, int4 layers on airun's CPU kernel quantize activations to one "
+                   "int8 level, as llama.cpp does (faster under load, near-tied greedy tokens may differ), instead of "
+                   "two; 0: always two (default 16)")
     lo = p.add_argument_group("LoRA adapters")
     lo.add_argument("--enable-lora", action="store_true", help="serve LoRA fine-tunes (implied by --lora)")
     lo.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
@@ -40,6 +44,13 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     lo.add_argument("--max-loras", type=int, default=8, help="adapters resident at once (default 8)")
     lo.add_argument("--max-lora-rank", type=int, default=32, help="largest adapter rank accepted (default 32)")
     add_data_dir_argument(lo)
+
+
+def _non_negative(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {n}")
+    return n
 
 
 def add_data_dir_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -77,6 +88,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         threads=ns.threads,
         revision=ns.revision,
         quantize=ns.quantize,
+        one_level_from=ns.one_level_from or None,
         enable_lora=bool(ns.enable_lora or ns.lora),
         max_loras=ns.max_loras,
         max_lora_rank=ns.max_lora_rank,

@@ -17,8 +17,18 @@ from gguf import GGMLQuantizationType as Q
 
 from airun import native
 from airun.layers import attention as attn
-from airun.layers.int4_vnni import KERNEL_MAX_ROWS, Int4VnniLinear, pack_codes, pack_weight, unpack_codes
-from airun.layers.quant import Int4Weight, quantize_int4
+from airun.layers.int4_vnni import (
+    KERNEL_MAX_ROWS,
+    Int4VnniLinear,
+    activation_levels,
+    pack_codes,
+    pack_weight,
+    set_activation_levels,
+    unpack_codes,
+)
+from airun.layers.int8_vnni import KERNEL_MAX_ROWS as INT8_KERNEL_MAX_ROWS
+from airun.layers.int8_vnni import Int8VnniLinear
+from airun.layers.quant import Int4Weight, Int8Weight, quantize_int4, quantize_int8
 from airun.layers.rotary import RotaryEmbedding
 from airun.loader.gguf_quant import repack_int4
 from airun.model.llama import RMSNorm
@@ -100,22 +110,75 @@ def test_matmul_matches_float64_within_the_activation_levels(symmetric: bool) ->
     assert lin(torch.randn(2, 3, k)).shape == (2, 3, n)
 
 
-def test_one_int8_level_would_not_be_enough() -> None:
-    """Why two levels: with one (ggml's Q8_0 activations) the error is ~100x larger, enough to flip the demo model's
-    near-tied first answer token to "What is the capital of France?" (see test_perplexity)."""
+def _q8_0(x: torch.Tensor) -> torch.Tensor:
+    """ggml's Q8_0 activations as the kernels compute them: per block of 32, unit = max|x| / 127 (float32),
+    code = round-half-even(x * (1 / unit)); returned dequantized (float64)."""
+    blocks = x.float().reshape(-1, 32)
+    unit = blocks.abs().amax(dim=1, keepdim=True) / 127
+    inv = torch.where(unit > 0, 1 / unit, torch.zeros_like(unit))
+    return (torch.round(blocks * inv).clamp(-127, 127).double() * unit.double()).view(x.shape)
+
+
+def test_one_int8_level_is_ggml_q8_0_and_errs_more() -> None:
+    """With one level the kernel computes exactly ggml's Q8_0 activations times the weights (up to float32
+    accumulation); two levels err ~100x less, and one is enough to flip the demo model's near-tied first answer token
+    to "What is the capital of France?" (see test_perplexity), which is why one is used only under load."""
     k = 512
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(2))
-    blocks = x.view(-1, 32)
-    d = blocks.abs().amax(dim=1, keepdim=True) / 127
-    one_level = (torch.round(blocks / d) * d).view(1, k)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(2))
     w = quantize_int4(torch.randn(64, k, generator=torch.Generator().manual_seed(3)) * 0.05, 32)
     lin = Int4VnniLinear(k, 64, 32)
     lin.load(w)
     wf = lin.dequantize(torch.float64)
     ref = x.double() @ wf.t()
+    q8 = _q8_0(x) @ wf.t()
+    set_activation_levels(1)
+    try:
+        y1 = lin(x).double()
+    finally:
+        set_activation_levels(2)
+    assert (y1 - q8).abs().max() < 1e-5 * ref.abs().max()
     two = (lin(x).double() - ref).abs().max()
-    one = (one_level.double() @ wf.t() - ref).abs().max()
+    one = (q8 - ref).abs().max()
     assert two * 30 < one
+    with pytest.raises(ValueError):
+        set_activation_levels(3)
+    with pytest.raises(RuntimeError):
+        torch.ops.airun_int4.linear(x, lin.qdata, lin.asym, 3)
+
+
+def test_int8_layer_matches_float64_on_either_level() -> None:
+    n, k = 96, 256
+    gen = torch.Generator().manual_seed(4)
+    w = quantize_int8(torch.randn(n, k, generator=gen) * 0.05)
+    lin = Int8VnniLinear(k, n)
+    lin.load_rows(0, Int8Weight(w.qweight[:40], w.scales[:40]))  # shards at any row offset, as fused modules load
+    lin.load_rows(40, Int8Weight(w.qweight[40:], w.scales[40:]))
+    assert torch.equal(lin.qweight, w.qweight)
+    w64 = w.qweight.double() * w.scales.double()[:, None]
+    assert torch.equal(lin.dequantize(torch.float64), w64)
+    for m in (1, 5, INT8_KERNEL_MAX_ROWS, INT8_KERNEL_MAX_ROWS + 1):
+        x = torch.randn(m, k, generator=gen)
+        x[0, :32] *= 100  # one block of large values: each block has its own levels
+        ref = x.double() @ w64.t()
+        scale = ref.abs().amax(dim=1, keepdim=True)
+        y = lin(x)
+        assert y.dtype == torch.float32 and y.shape == (m, n)
+        assert ((y.double() - ref).abs() / scale).max() < (1e-4 if m <= INT8_KERNEL_MAX_ROWS else 1e-6), m
+        if m <= INT8_KERNEL_MAX_ROWS:
+            set_activation_levels(1)
+            try:
+                y1 = lin(x).double()
+            finally:
+                set_activation_levels(2)
+            assert ((y1 - _q8_0(x) @ w64.t()).abs() / scale).max() < 1e-5, m
+        yb = lin(x.bfloat16())
+        refb = x.bfloat16().double() @ w64.t()
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.double() - refb).abs() / refb.abs().amax(dim=1, keepdim=True)).max() < 1e-2
+    with pytest.raises(ValueError):
+        Int8VnniLinear(64, 40)  # N not a multiple of 16
+    with pytest.raises(ValueError):
+        lin.load_rows(90, Int8Weight(w.qweight[:8], w.scales[:8]))  # past the last row
 
 
 def test_bad_shapes_are_refused() -> None:
@@ -245,3 +308,26 @@ def test_engine_numerics_hold_without_the_native_kernels() -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+def test_busy_steps_run_one_activation_level(tiny_mistral_dir: Path) -> None:
+    """The runner quantizes activations to one level in steps of ``one_level_from`` sequences or more (head
+    included), to two otherwise, and leaves two set after every step."""
+    from airun.cli import build_parser, engine_args_from
+    from tests.engine_helpers import greedy, make_engine, run_all
+
+    assert engine_args_from(build_parser().parse_args(["generate", "hi"])).one_level_from == 16
+    assert engine_args_from(build_parser().parse_args(["generate", "--one-level-from", "0", "hi"])).one_level_from is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--one-level-from", "-1", "hi"])
+    engine = make_engine(tiny_mistral_dir, quantize="int4", dtype="bfloat16", one_level_from=3)
+    assert isinstance(engine.model.lm_head, Int8VnniLinear)
+    assert isinstance(engine.model.model.layers[0].mlp.down_proj, Int4VnniLinear)
+    seen: list[int] = []
+    engine.model.lm_head.register_forward_hook(lambda *_: seen.append(activation_levels()))
+    run_all(engine, {f"r{i}": ([1, 2 + i, 3], greedy(4)) for i in range(3)})
+    assert len(seen) == 4 and set(seen) == {1}
+    assert activation_levels() == 2
+    seen.clear()
+    run_all(engine, {"solo": ([1, 5, 6], greedy(4))})
+    assert len(seen) == 4 and set(seen) == {2}

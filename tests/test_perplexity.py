@@ -18,9 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from airun.layers.quant import Int8Linear
-from airun.model.quantize import INT4_MODULES
-from airun.model.quantize import resolve_quant_plan
+from airun.model.quantize import INT4_MODULES, INT8_MODULES, resolve_quant_plan
 from tests.engine_helpers import greedy, make_engine, run_all
 from tests.quant_helpers import engine_logits, perplexity
 
@@ -50,8 +48,8 @@ def engines(demo_gguf: Path):
 def test_quantized_layers_are_in_place(engines) -> None:
     layer = engines["int4"].model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj, INT4_MODULES) and isinstance(layer.mlp.down_proj, INT4_MODULES)
-    assert isinstance(engines["int4"].model.lm_head, Int8Linear)
-    assert isinstance(engines["int8"].model.model.layers[0].mlp.gate_up_proj, Int8Linear)
+    assert isinstance(engines["int4"].model.lm_head, INT8_MODULES)
+    assert isinstance(engines["int8"].model.model.layers[0].mlp.gate_up_proj, INT8_MODULES)
     assert engines["float32"].quant_plan is None and engines["bfloat16"].quant_plan is None
     e = engines["int4"]  # the default for this GGUF in a 16-bit dtype keeps the same classes
     auto = resolve_quant_plan(None, e.source, e.model_config, torch.bfloat16)

@@ -15,11 +15,11 @@ from gguf import GGMLQuantizationType as Q
 from airun.engine.kv_manager import KVCacheManager
 from airun.engine.model_runner import ModelRunner
 from airun.layers.packed import PackedLinear, packing_supported
-from airun.layers.quant import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from airun.layers.quant import Int4Linear, quantize_int4, quantize_int8
 from airun.loader import iter_weights, load_model_config, resolve_source
 from airun.loader.gguf_quant import read_tensor_types, repack_int4, tensor_formats
 from airun.model.llama import build_model
-from airun.model.quantize import INT4_MODULES, resolve_quant_plan
+from airun.model.quantize import INT4_MODULES, INT8_MODULES, resolve_quant_plan
 from tests.fixtures_models import random_quant_blocks, write_llama_gguf
 from tests.quant_helpers import prompt_logits
 
@@ -175,10 +175,10 @@ def test_mixed_gguf_keeps_native_precision_classes(tmp_path: Path) -> None:
     ref = build_model(cfg, iter_weights(source, cfg), torch.float32, dev, 256)
     quant = build_model(cfg, iter_weights(source, cfg, native_quant=True), torch.bfloat16, dev, 256, quant=plan)
     layer0, layer1 = quant.model.layers
-    assert isinstance(layer0.self_attn.qkv_proj, Int8Linear) and isinstance(layer0.mlp.down_proj, Int8Linear)
+    assert isinstance(layer0.self_attn.qkv_proj, INT8_MODULES) and isinstance(layer0.mlp.down_proj, INT8_MODULES)
     assert isinstance(layer0.self_attn.o_proj, INT4_MODULES) and isinstance(layer0.mlp.gate_up_proj, INT4_MODULES)
     dense = PackedLinear if packing_supported(dev, torch.bfloat16) else torch.nn.Linear  # bf16 floats: oneDNN-packed
-    assert type(layer1.mlp.gate_up_proj) is dense and isinstance(quant.lm_head, Int8Linear)
+    assert type(layer1.mlp.gate_up_proj) is dense and isinstance(quant.lm_head, INT8_MODULES)
     # Exactly repacked modules differ from the float model only by the bf16 scales; requantized ones by int8 steps.
     for path in plan.formats:
         got = quant.get_submodule(path).dequantize(torch.float64)

@@ -17,10 +17,10 @@ from airun.errors import InvalidRequestError
 from airun.sampling_params import SamplingParams
 from airun.layers import quant
 from airun.layers.int4_vnni import Int4VnniLinear
-from airun.layers.quant import Int8Linear
+from airun.layers.int8_vnni import Int8VnniLinear
 from airun.loader import iter_weights, load_model_config, resolve_source
 from airun.model.llama import build_model
-from airun.model.quantize import INT4_MODULES, linear_paths, plan_from_float, quantized_bytes, resolve_quant_plan
+from airun.model.quantize import INT4_MODULES, INT8_MODULES, linear_paths, plan_from_float, quantized_bytes, resolve_quant_plan
 from tests.engine_helpers import make_engine
 from tests.quant_helpers import engine_logits
 
@@ -31,11 +31,12 @@ def bf16(a: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).bfloat16().double().numpy()
 
 
-def ref_int8(w: np.ndarray) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """(codes, codes -> the weight the layer computes with): scale = max|row| / 127 (kept in bfloat16),
-    q = round(w / scale)."""
+def ref_int8(w: np.ndarray, vnni: bool = False) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """(codes, codes -> the weight the layer computes with): scale = max|row| / 127 (kept in bfloat16 for PyTorch's
+    kernel, float32 for airun's VNNI kernel), q = round(w / scale)."""
     s = np.abs(w).max(axis=1, keepdims=True) / 127
-    return np.round(w / s), lambda q: q * bf16(s)
+    kept = s.astype(np.float32).astype(np.float64) if vnni else bf16(s)
+    return np.round(w / s), lambda q: q * kept
 
 
 def fp16(a: np.ndarray) -> np.ndarray:
@@ -100,8 +101,8 @@ def test_quantized_safetensors_model_equals_transformers_with_quantized_weights(
         mod = model.get_submodule(path)
         w = fused(state, path).astype(np.float64)
         if path == "lm_head" or fmt == "int8":
-            assert isinstance(mod, Int8Linear), path
-            codes, weight_of = ref_int8(w)
+            assert isinstance(mod, INT8_MODULES), path
+            codes, weight_of = ref_int8(w, isinstance(mod, Int8VnniLinear))
             got = mod.qweight.numpy().astype(np.float64)
         else:
             assert isinstance(mod, INT4_MODULES) and mod.group_size == 32, path
@@ -147,7 +148,7 @@ def test_tied_embeddings_get_an_int8_head_and_keep_a_float_embedding(tmp_path: P
     assert type(model.model.embed_tokens) is torch.nn.Embedding
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(model.model.embed_tokens.weight.double(), torch.from_numpy(emb))
-    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.lm_head, INT8_MODULES)
     codes, _ = ref_int8(emb)
     assert np.mean(model.lm_head.qweight.numpy() == codes) > 0.999
     assert not [n for n, _ in model.named_parameters() if "proj" in n or "lm_head" in n]
@@ -161,15 +162,16 @@ def test_quantized_weights_take_the_expected_bytes(tiny_mistral_dir: Path) -> No
     for fmt in ("int8", "int4"):
         model = build_model(cfg, iter_weights(source, cfg), torch.bfloat16, dev, 64, quant=plan_from_float(cfg, fmt))
         sizes[fmt] = quantized_bytes(model)
+    row_scale = 4 if isinstance(model.lm_head, Int8VnniLinear) else 2  # float32 for airun's kernel, else bfloat16
     float_bytes = quantized_bytes(build_model(cfg, iter_weights(source, cfg), torch.bfloat16, dev, 64))
     q, kv, h, i = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, cfg.hidden_size, \
         cfg.intermediate_size
     shapes = [(q + 2 * kv, h), (h, q), (2 * i, h), (h, i)] * cfg.num_hidden_layers  # (out, in) of the projections
     head = (cfg.vocab_size, h)
-    # bf16: 2 bytes a weight. int8: 1 byte + a bf16 scale per row. int4: 1/2 byte + bf16 (scale, zero) per 32 inputs.
+    # bf16: 2 bytes a weight. int8: 1 byte + a scale per row. int4: 1/2 byte + 16-bit (scale, zero) per 32 inputs.
     bf16_b = sum(2 * o * k for o, k in shapes + [head])
-    int8_b = sum(o * k + 2 * o for o, k in shapes + [head])
-    int4_b = sum(o * k // 2 + 4 * o * k // 32 for o, k in shapes) + head[0] * head[1] + 2 * head[0]
+    int8_b = sum(o * k + row_scale * o for o, k in shapes + [head])
+    int4_b = sum(o * k // 2 + 4 * o * k // 32 for o, k in shapes) + head[0] * head[1] + row_scale * head[0]
     assert float_bytes - sizes["int8"] == bf16_b - int8_b
     assert float_bytes - sizes["int4"] == bf16_b - int4_b
 

@@ -22,14 +22,16 @@
 #include <cstdint>
 #include <vector>
 
+#include "act_quant.h"
 #include "simd.h"
 
 namespace {
 
+using airun::quantize_activations;
 using airun::store16;
 
 constexpr int64_t kRows = 16;
-constexpr int64_t kBlock = 32;
+constexpr int64_t kBlock = airun::kActBlock;
 constexpr int64_t kTileBlockBytes = kRows * kBlock / 2;
 constexpr int64_t kPairCodeBytes = 2 * kTileBlockBytes;
 constexpr int64_t kHalfBlockBytes = kRows * 2;  // one block's 16 float16 scales (or mins)
@@ -49,44 +51,8 @@ struct TileBlocks {
   }
 };
 constexpr int kMaxRowsPerPass = 4;  // activation rows sharing one unpack of the weights
+constexpr int64_t kRowChunk = 64;  // activation rows a thread runs all its tiles over before the next rows
 constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
-
-// Two int8 levels per block of 32 activations: x ~= unit * (254 * hi + lo), hi = round(x / (254 unit)) with
-// 254 unit = max|x| / 127, lo = round(x / unit - 254 hi) in [-127, 127]. The error is at most
-// unit / 2 = max|x| / 64516,
-// finer than bfloat16's; one int8 level (ggml's Q8_0) errs up to max|x| / 254, enough to flip near-tied greedy tokens.
-// Row m's bytes: block b's hi at [64 b, 64 b + 32), its lo right after. cx = unit * (254 sum(hi) + sum(lo)).
-template <typename T>
-void quantize_activations(const T* x, int64_t m_rows, int64_t k, int8_t* xq, float* unit, float* cx) {
-  const int64_t nb = k / kBlock;
-  at::parallel_for(0, m_rows * nb, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t m = idx / nb, b = idx % nb;
-      const T* src = x + m * k + b * kBlock;
-      float v[kBlock];
-      float amax = 0.f;
-      for (int i = 0; i < kBlock; ++i) {
-        v[i] = static_cast<float>(src[i]);
-        amax = std::max(amax, std::fabs(v[i]));
-      }
-      const float u = amax / (127.f * 254.f);
-      const float inv = u > 0.f ? 1.f / u : 0.f;
-      int8_t* hi = xq + m * 2 * k + b * 2 * kBlock;
-      int8_t* lo = hi + kBlock;
-      int sum = 0;
-      for (int i = 0; i < kBlock; ++i) {
-        const float f = v[i] * inv;  // in [-32258, 32258]
-        const int h = static_cast<int>(std::nearbyint(f / 254.f));
-        const int l = std::clamp(static_cast<int>(std::nearbyint(f - 254.f * static_cast<float>(h))), -127, 127);
-        hi[i] = static_cast<int8_t>(h);
-        lo[i] = static_cast<int8_t>(l);
-        sum += 254 * h + l;
-      }
-      unit[m * nb + b] = u;
-      cx[m * nb + b] = u * static_cast<float>(sum);
-    }
-  });
-}
 
 // sum over the block of code * x-level for the 8 weight vectors of a tile-block against one level's 32 bytes.
 inline __m512i block_dot(const __m512i lo[4], const __m512i hi[4], const int32_t* xb) {
@@ -102,7 +68,7 @@ inline __m512i block_dot(const __m512i lo[4], const __m512i hi[4], const int32_t
 }
 
 // Accumulates one tile (16 output rows) for MB activation rows over all nb blocks into acc[MB].
-template <bool kAsym, int MB>
+template <bool kAsym, int L, int MB>
 inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* unit, const float* cx, int64_t k,
                      __m512* acc) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -123,10 +89,11 @@ inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* un
     __m512 mv = sv;
     if constexpr (kAsym) mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.mins(b))));
     for (int m = 0; m < MB; ++m) {
-      const int32_t* xb = reinterpret_cast<const int32_t*>(xq + m * 2 * k + b * 2 * kBlock);
-      const __m512 coarse = _mm512_cvtepi32_ps(block_dot(lo, hi, xb));
-      const __m512 fine = _mm512_cvtepi32_ps(block_dot(lo, hi, xb + kBlock / 4));
-      const __m512 dot = _mm512_fmadd_ps(coarse, _mm512_set1_ps(254.f), fine);  // exact: |dot| < 2^24
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xq + m * L * k + b * L * kBlock);
+      __m512 dot = _mm512_cvtepi32_ps(block_dot(lo, hi, xb));
+      if constexpr (L == 2) {  // exact: |dot| < 2^24
+        dot = _mm512_fmadd_ps(dot, _mm512_set1_ps(254.f), _mm512_cvtepi32_ps(block_dot(lo, hi, xb + kBlock / 4)));
+      }
       const float d = unit[m * nb + b], c = cx[m * nb + b];
       if constexpr (kAsym) {
         acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(dot, _mm512_set1_ps(d)), sv, acc[m]);
@@ -139,34 +106,37 @@ inline void tile_dot(TileBlocks w, int64_t nb, const int8_t* xq, const float* un
   }
 }
 
-template <bool kAsym, int MB, typename T>
+template <bool kAsym, int L, int MB, typename T>
 inline void tile_pass(TileBlocks w, int64_t nb, const int8_t* xq, const float* unit, const float* cx, int64_t k, T* out,
                       int64_t n) {
   __m512 acc[MB];
-  tile_dot<kAsym, MB>(w, nb, xq, unit, cx, k, acc);
+  tile_dot<kAsym, L, MB>(w, nb, xq, unit, cx, k, acc);
   for (int m = 0; m < MB; ++m) store16(out + m * n, acc[m]);
 }
 
-template <bool kAsym, typename T>
+template <bool kAsym, int L, typename T>
 void gemm(const T* x, const uint8_t* qdata, int64_t m_rows, int64_t k, int64_t tiles, T* out) {
   const int64_t nb = k / kBlock, n = tiles * kRows, pair = pair_bytes(kAsym);
-  std::vector<int8_t> xq(m_rows * 2 * k);
+  std::vector<int8_t> xq(m_rows * L * k);
   std::vector<float> unit(m_rows * nb), cx(m_rows * nb);
-  quantize_activations(x, m_rows, k, xq.data(), unit.data(), cx.data());
+  quantize_activations<L>(x, m_rows, k, xq.data(), unit.data(), cx.data());
   at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const TileBlocks w{qdata + t * (nb / 2) * pair, pair};
-      for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRowsPerPass) {
-        const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, m_rows - m0);
-        const int8_t* q = xq.data() + m0 * 2 * k;
-        const float* d = unit.data() + m0 * nb;
-        const float* c = cx.data() + m0 * nb;
-        T* o = out + m0 * n + t * kRows;
-        switch (mb) {
-          case 4: tile_pass<kAsym, 4>(w, nb, q, d, c, k, o, n); break;
-          case 3: tile_pass<kAsym, 3>(w, nb, q, d, c, k, o, n); break;
-          case 2: tile_pass<kAsym, 2>(w, nb, q, d, c, k, o, n); break;
-          default: tile_pass<kAsym, 1>(w, nb, q, d, c, k, o, n); break;
+    for (int64_t r0 = 0; r0 < m_rows; r0 += kRowChunk) {  // a chunk of activation rows stays in L2 over the tiles
+      const int64_t r1 = std::min(m_rows, r0 + kRowChunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const TileBlocks w{qdata + t * (nb / 2) * pair, pair};
+        for (int64_t m0 = r0; m0 < r1; m0 += kMaxRowsPerPass) {
+          const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, r1 - m0);
+          const int8_t* q = xq.data() + m0 * L * k;
+          const float* d = unit.data() + m0 * nb;
+          const float* c = cx.data() + m0 * nb;
+          T* o = out + m0 * n + t * kRows;
+          switch (mb) {
+            case 4: tile_pass<kAsym, L, 4>(w, nb, q, d, c, k, o, n); break;
+            case 3: tile_pass<kAsym, L, 3>(w, nb, q, d, c, k, o, n); break;
+            case 2: tile_pass<kAsym, L, 2>(w, nb, q, d, c, k, o, n); break;
+            default: tile_pass<kAsym, L, 1>(w, nb, q, d, c, k, o, n); break;
+          }
         }
       }
     }
@@ -179,22 +149,33 @@ void check_weight(const at::Tensor& qdata, bool asym) {
               "qdata must be contiguous uint8 [tiles, block pairs, 576 (640 with mins)]");
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, bool asym) {
+template <typename T>
+void dispatch_gemm(const T* x, const uint8_t* w, bool asym, int64_t levels, int64_t m_rows, int64_t k, int64_t tiles,
+                   T* out) {
+  if (asym) {
+    if (levels == 2) gemm<true, 2>(x, w, m_rows, k, tiles, out);
+    else gemm<true, 1>(x, w, m_rows, k, tiles, out);
+  } else {
+    if (levels == 2) gemm<false, 2>(x, w, m_rows, k, tiles, out);
+    else gemm<false, 1>(x, w, m_rows, k, tiles, out);
+  }
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qdata, bool asym, int64_t levels) {
   check_weight(qdata, asym);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == qdata.size(1) * 2 * kBlock, "x must be [M, block pairs * 64]");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(levels == 1 || levels == 2, "activation levels must be 1 or 2");
   const at::Tensor xc = x.contiguous();
   const int64_t m_rows = xc.size(0), k = xc.size(1), tiles = qdata.size(0);
   at::Tensor out = at::empty({m_rows, tiles * kRows}, xc.options());
   if (m_rows == 0) return out;
   const auto* w = qdata.data_ptr<uint8_t>();
   if (xc.scalar_type() == at::kFloat) {
-    if (asym) gemm<true>(xc.data_ptr<float>(), w, m_rows, k, tiles, out.data_ptr<float>());
-    else gemm<false>(xc.data_ptr<float>(), w, m_rows, k, tiles, out.data_ptr<float>());
+    dispatch_gemm(xc.data_ptr<float>(), w, asym, levels, m_rows, k, tiles, out.data_ptr<float>());
   } else {
     using BF = at::BFloat16;
-    if (asym) gemm<true>(xc.data_ptr<BF>(), w, m_rows, k, tiles, out.data_ptr<BF>());
-    else gemm<false>(xc.data_ptr<BF>(), w, m_rows, k, tiles, out.data_ptr<BF>());
+    dispatch_gemm(xc.data_ptr<BF>(), w, asym, levels, m_rows, k, tiles, out.data_ptr<BF>());
   }
   return out;
 }
@@ -268,7 +249,7 @@ at::Tensor int4_dequant(const at::Tensor& qdata, bool asym, int64_t tile0, int64
 }  // namespace
 
 TORCH_LIBRARY(airun_int4, m) {
-  m.def("linear(Tensor x, Tensor qdata, bool asym) -> Tensor");
+  m.def("linear(Tensor x, Tensor qdata, bool asym, int levels=2) -> Tensor");
   m.def("dequant(Tensor qdata, bool asym, int tile0, int tile1, ScalarType dtype) -> Tensor");
 }
 

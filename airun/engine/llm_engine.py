@@ -103,6 +103,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, num_blocks, args.block_size, self.dtype, self.device,
                                   prefault=args.kv_cache_prefault)
         self.runner.lora = self.lora
+        self.runner.one_level_from = args.one_level_from
         self.requests: dict[str, _Request] = {}
         self.eos_ids = set(self.tokenizer.eos_token_ids) | set(cfg.eos_token_ids)
         self.stats_prompt_tokens = 0

@@ -11,6 +11,7 @@ import torch
 
 from airun.engine.scheduler import ScheduledSeq, SchedulerOutput
 from airun.engine.sequence import Sequence
+from airun.layers import int4_vnni
 from airun.layers.attention import AttentionMetadata
 from airun.layers.sampler import Sampler, build_sampling_batch
 from airun.model.llama import CausalLM
@@ -71,6 +72,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.fault_hook = None  # a test-only callable run before each model step (fault injection)
         self.lora = None  # an airun.lora.LoRAManager when LoRA is enabled: told each row's adapter before a forward
+        self.one_level_from: int | None = None  # EngineArgs.one_level_from
 
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
         bs, table = self.block_size, seq.block_table
@@ -136,7 +138,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward_logits(self, output: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
-        """Runs the model; returns the scheduled seqs that sample this step and their logits [N, vocab] (float32)."""
+        """Runs the model; returns the scheduled seqs that sample this step and their logits [N, vocab] (float32).
+        A step of ``one_level_from`` sequences or more runs the VNNI kernels with one activation level (see
+        :func:`airun.layers.int4_vnni.set_activation_levels`); the default of two is restored after it."""
+        if self.one_level_from is None or len(output.scheduled) < self.one_level_from:
+            return self._forward_logits(output)
+        int4_vnni.set_activation_levels(1)
+        try:
+            return self._forward_logits(output)
+        finally:
+            int4_vnni.set_activation_levels(2)
+
+    def _forward_logits(self, output: SchedulerOutput) -> tuple[list[ScheduledSeq], torch.Tensor]:
         if self.fault_hook is not None:
             self.fault_hook()
         if self.lora is not None:  # rows of one adapter side by side: the LoRA layers batch them without gathers

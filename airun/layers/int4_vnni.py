@@ -28,10 +28,27 @@ SYMMETRIC_PAIR_BYTES = PAIR_CODE_BYTES + 2 * ROWS_PER_TILE * 2  # codes + float1
 ASYMMETRIC_PAIR_BYTES = SYMMETRIC_PAIR_BYTES + 2 * ROWS_PER_TILE * 2  # ... + float16 mins
 # Measured on demo and 7B shapes, 2 threads: from ~96-128 rows on, dequantize + GEMM is as fast or faster.
 KERNEL_MAX_ROWS = 96
+_levels = 2  # int8 activation levels of the kernel in the current forward (set_activation_levels)
+
+
+def set_activation_levels(levels: int) -> None:
+    """Sets how many int8 levels the VNNI kernels (int4 and int8 layers) quantize activations to, until set again: 2
+    (the default; error below bfloat16's) or 1 (ggml's Q8_0 precision: half the kernel's arithmetic, which is what
+    bounds it at batches of ~8 rows and more; near-tied greedy tokens can flip). The engine's runner sets it per
+    step (``EngineArgs.one_level_from``) and restores 2 after the forward."""
+    global _levels
+    if levels not in (1, 2):
+        raise ValueError(f"activation levels must be 1 or 2, got {levels}")
+    _levels = levels
+
+
+def activation_levels() -> int:
+    """The int8 activation levels the VNNI kernels use now (see :func:`set_activation_levels`)."""
+    return _levels
 
 
 def _linear(x: torch.Tensor, qdata: torch.Tensor, asym: bool) -> torch.Tensor:
-    return torch.ops.airun_int4.linear.default(x, qdata, asym)
+    return torch.ops.airun_int4.linear.default(x, qdata, asym, _levels)
 
 
 def _shape_ok(out_features: int, in_features: int, group_size: int) -> bool:
@@ -172,4 +189,5 @@ class Int4VnniLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-__all__ = ["KERNEL_MAX_ROWS", "Int4VnniLinear", "pack_codes", "pack_weight", "unpack_codes", "vnni_supported"]
+__all__ = ["KERNEL_MAX_ROWS", "Int4VnniLinear", "activation_levels", "pack_codes", "pack_weight", "set_activation_levels", "unpack_codes",
+           "vnni_supported"]

@@ -19,8 +19,9 @@ batch 8, against 28.3 and 32.1 ms with the weights dequantized to bfloat16; a 51
 
 Embeddings stay in the model dtype in every mode: a lookup reads a few rows, so quantizing them saves memory but no
 time, and other components read ``embed_tokens.weight`` for the model's dtype and device. A module whose shape the int4
-kernel of the device does not take falls back to int8. On CPUs with AVX-512 VNNI, int4 modules use airun's own kernel
-(:class:`~airun.layers.int4_vnni.Int4VnniLinear`), else PyTorch's (:class:`~airun.layers.quant.Int4Linear`).
+kernel of the device does not take falls back to int8. On CPUs with AVX-512 VNNI, int4 and int8 modules use airun's own
+kernels (:class:`~airun.layers.int4_vnni.Int4VnniLinear`, :class:`~airun.layers.int8_vnni.Int8VnniLinear`), else
+PyTorch's (:class:`~airun.layers.quant.Int4Linear`, :class:`~airun.layers.quant.Int8Linear`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 
 from airun.errors import InvalidRequestError
 from airun.layers.int4_vnni import Int4VnniLinear, vnni_supported
+from airun.layers.int8_vnni import Int8VnniLinear, vnni8_supported
 from airun.layers.quant import (
     Int4Linear,
     Int4Weight,
@@ -57,6 +59,7 @@ log = logging.getLogger("airun.model")
 
 QUANTIZE_CHOICES = ("int8", "int4", "none")
 INT4_MODULES: tuple[type[nn.Module], ...] = (Int4Linear, Int4VnniLinear)  # what an int4 plan entry becomes
+INT8_MODULES: tuple[type[nn.Module], ...] = (Int8Linear, Int8VnniLinear)  # what an int8 plan entry becomes
 DEFAULT_INT4_GROUP = 32
 GGUF_INT4_GROUP = 32
 _PROJECTIONS = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"), ("mlp", "down_proj"))
@@ -169,7 +172,7 @@ class _Target:
     """A quantized module being filled. ``done`` holds the row offsets of the shards received; int4 shards wait in
     ``staged`` until the module's rows are complete (the packed layout mixes rows of neighbouring shards)."""
 
-    module: Int8Linear | Int4Linear | Int4VnniLinear
+    module: Int8Linear | Int8VnniLinear | Int4Linear | Int4VnniLinear
     done: set[int] = field(default_factory=set)
     rows: int = 0
     staged: list[tuple[int, Int4Weight]] = field(default_factory=list)
@@ -199,6 +202,8 @@ class QuantLoader:
             new: nn.Module
             if fmt == "int4" and backend == "cpu" and vnni_supported(n, k, group):
                 new = Int4VnniLinear(k, n, group, "meta")
+            elif fmt == "int8" and backend == "cpu" and vnni8_supported(n, k):
+                new = Int8VnniLinear(k, n, "meta")
             else:
                 new = quantized_linear(fmt, k, n, "meta", group, backend)
             setattr(parent, attr, new)
@@ -221,7 +226,7 @@ class QuantLoader:
             raise ValueError(f"checkpoint tensor for rows {row}.. of {path} has shape {tuple(value.shape)}, or repeats")
         t.done.add(row)
         t.rows += n
-        if isinstance(mod, Int8Linear):
+        if isinstance(mod, INT8_MODULES):
             mod.load_rows(row, _to_int8(value))
             return
         t.staged.append((row, _to_int4(value, mod.group_size)))
@@ -279,6 +284,7 @@ def quantized_bytes(model: nn.Module) -> int:
 __all__ = [
     "DEFAULT_INT4_GROUP",
     "INT4_MODULES",
+    "INT8_MODULES",
     "QUANTIZE_CHOICES",
     "Int4Linear",
     "Int8Linear",

@@ -1,0 +1,140 @@
+// Per-channel int8 weights times int8-quantized activations with AVX-512 VNNI, for decode-sized batches on CPU (the
+// output head above all: the widest matrix of a small model).
+//
+// Weight layout (built by airun/layers/quant.py): output rows in tiles of 16, inputs in blocks of 32. One uint8 tensor
+// qdata[t][b][j][r][i] (j in 0..7, r in 0..15, i in 0..3) holds q(row 16t + r, input 32b + 4j + i) + 128, so one
+// 64-byte load gives, per output row, 4 consecutive weights: a VNNI dot-4 with 4 broadcast activation bytes adds them
+// into that row's int32 lane, 16 rows per instruction. Per-row float32 scales are a separate tensor.
+//
+// With activations in L levels per block (act_quant.h), per block sum_k (q + 128) xq = sum_k q xq + 128 sum_k xq, so
+// y = scale * sum_b unit_b * (sum_k (q + 128) xq - 128 sum_k xq) = scale * (sum_b unit_b dot_b - 128 sum_b cx_b).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "act_quant.h"
+#include "simd.h"
+
+namespace {
+
+using airun::kActBlock;
+using airun::quantize_activations;
+using airun::store16;
+
+constexpr int64_t kRows = 16;
+constexpr int64_t kBlockBytes = kRows * kActBlock;  // one tile-block: 512 bytes, 8 vectors
+constexpr int kMaxRowsPerPass = 4;
+constexpr int64_t kRowChunk = 64;
+constexpr int64_t kPrefetchBlocks = 12;
+
+// sum over one block of (q + 128) * level for 16 rows, against one level's 32 bytes
+inline __m512i block_dot(const __m512i w[8], const int32_t* xb) {
+  __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(xb[0]));
+  __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(xb[1]));
+  for (int j = 2; j < 8; j += 2) {
+    s0 = _mm512_dpbusd_epi32(s0, w[j], _mm512_set1_epi32(xb[j]));
+    s1 = _mm512_dpbusd_epi32(s1, w[j + 1], _mm512_set1_epi32(xb[j + 1]));
+  }
+  return _mm512_add_epi32(s0, s1);
+}
+
+template <int L, int MB, typename T>
+inline void tile_pass(const uint8_t* tile, int64_t nb, const int8_t* xq, const float* unit, const float* corr,
+                      __m512 scale, int64_t k, T* out, int64_t n) {
+  __m512 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* wb = tile + b * kBlockBytes;
+    const char* ahead = reinterpret_cast<const char*>(wb + kPrefetchBlocks * kBlockBytes);
+    for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    __m512i w[8];
+    for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(wb + 64 * j);
+    for (int m = 0; m < MB; ++m) {
+      const int32_t* xb = reinterpret_cast<const int32_t*>(xq + m * L * k + b * L * kActBlock);
+      __m512 dot = _mm512_cvtepi32_ps(block_dot(w, xb));
+      if constexpr (L == 2) {
+        dot = _mm512_fmadd_ps(dot, _mm512_set1_ps(254.f), _mm512_cvtepi32_ps(block_dot(w, xb + kActBlock / 4)));
+      }
+      acc[m] = _mm512_fmadd_ps(dot, _mm512_set1_ps(unit[m * nb + b]), acc[m]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) store16(out + m * n, _mm512_mul_ps(scale, _mm512_sub_ps(acc[m], _mm512_set1_ps(corr[m]))));
+}
+
+template <int L, typename T>
+void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows, int64_t k, int64_t tiles, T* out) {
+  const int64_t nb = k / kActBlock, n = tiles * kRows;
+  std::vector<int8_t> xq(m_rows * L * k);
+  std::vector<float> unit(m_rows * nb), cx(m_rows * nb), corr(m_rows);
+  quantize_activations<L>(x, m_rows, k, xq.data(), unit.data(), cx.data());
+  for (int64_t m = 0; m < m_rows; ++m) {
+    float c = 0.f;
+    for (int64_t b = 0; b < nb; ++b) c += cx[m * nb + b];
+    corr[m] = 128.f * c;
+  }
+  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = 0; r0 < m_rows; r0 += kRowChunk) {
+      const int64_t r1 = std::min(m_rows, r0 + kRowChunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* tile = qdata + t * nb * kBlockBytes;
+        const __m512 scale = _mm512_loadu_ps(scales + t * kRows);
+        for (int64_t m0 = r0; m0 < r1; m0 += kMaxRowsPerPass) {
+          const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, r1 - m0);
+          const int8_t* q = xq.data() + m0 * L * k;
+          const float* d = unit.data() + m0 * nb;
+          const float* c = corr.data() + m0;
+          T* o = out + m0 * n + t * kRows;
+          switch (mb) {
+            case 4: tile_pass<L, 4>(tile, nb, q, d, c, scale, k, o, n); break;
+            case 3: tile_pass<L, 3>(tile, nb, q, d, c, scale, k, o, n); break;
+            case 2: tile_pass<L, 2>(tile, nb, q, d, c, scale, k, o, n); break;
+            default: tile_pass<L, 1>(tile, nb, q, d, c, scale, k, o, n); break;
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void dispatch(const T* x, const uint8_t* w, const float* s, int64_t levels, int64_t m_rows, int64_t k, int64_t tiles,
+              T* out) {
+  if (levels == 2) gemm<2>(x, w, s, m_rows, k, tiles, out);
+  else gemm<1>(x, w, s, m_rows, k, tiles, out);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales, int64_t levels) {
+  TORCH_CHECK(qdata.dim() == 3 && qdata.size(2) == kBlockBytes && qdata.scalar_type() == at::kByte &&
+                  qdata.is_contiguous(),
+              "qdata must be contiguous uint8 [N / 16, K / 32, 512]");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == qdata.size(0) * kRows && scales.scalar_type() == at::kFloat &&
+                  scales.is_contiguous(),
+              "scales must be contiguous float32 [N]");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == qdata.size(1) * kActBlock, "x must be [M, K]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x must be float32 or bfloat16");
+  TORCH_CHECK(levels == 1 || levels == 2, "activation levels must be 1 or 2");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m_rows = xc.size(0), k = xc.size(1), tiles = qdata.size(0);
+  at::Tensor out = at::empty({m_rows, tiles * kRows}, xc.options());
+  if (m_rows == 0) return out;
+  const auto* w = qdata.data_ptr<uint8_t>();
+  const float* s = scales.data_ptr<float>();
+  if (xc.scalar_type() == at::kFloat) {
+    dispatch(xc.data_ptr<float>(), w, s, levels, m_rows, k, tiles, out.data_ptr<float>());
+  } else {
+    using BF = at::BFloat16;
+    dispatch(xc.data_ptr<BF>(), w, s, levels, m_rows, k, tiles, out.data_ptr<BF>());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(airun_int8, m) { m.def("linear(Tensor x, Tensor qdata, Tensor scales, int levels=2) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(airun_int8, CPU, m) { m.impl("linear", &int8_linear); }
