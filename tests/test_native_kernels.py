@@ -206,9 +206,11 @@ def _reference_decode(q, kc, vc, tables, ctx, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_matches_masked_softmax_attention(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("h,kvh,d", [(8, 2, 64), (9, 3, 64), (6, 1, 32), (4, 4, 128), (16, 2, 16), (10, 2, 256)])
+def test_decode_attention_matches_masked_softmax_attention(dtype: torch.dtype, h: int, kvh: int, d: int) -> None:
+    """Query heads per KV head 4, 3, 6 (head by head), 1, 8 and 5 (head by head), over head sizes 16 to 256."""
     gen = torch.Generator().manual_seed(4)
-    blocks, bs, kvh, d, h = 40, 16, 2, 64, 8
+    blocks, bs = 40, 16
     kc = torch.randn(blocks, bs, kvh, d, generator=gen).to(dtype)
     vc = torch.randn(blocks, bs, kvh, d, generator=gen).to(dtype)
     ctx = torch.tensor([1, 17, 100, 33, 16])

@@ -45,6 +45,13 @@ inline void softmax(float* sc, int64_t n) {
   for (; p < n; ++p) sc[p] *= _mm512_cvtss_f32(inv);
 }
 
+// One head's key or value row (d elements of T: 32 to 512 bytes) into L2.
+template <int NC, typename T>
+inline void prefetch_row_impl(const T* row) {
+  constexpr int64_t bytes = NC * 16 * static_cast<int64_t>(sizeof(T));
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
+}
+
 // NC = d / 16 vectors per head row: a query and an output accumulator stay in registers.
 template <int NC, typename T>
 void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out, int64_t seqs,
@@ -56,21 +63,31 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
   const int64_t grain = keys * heads * d < kMinParallelMacs ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<int64_t> rows;  // element offset of each key position's row for this (sequence, KV head)
-    for (int64_t item = begin; item < end; ++item) {
+    // element offsets of each key position's row for this item and for the next (prefetched while this one runs)
+    std::vector<int64_t> rows, next_rows;
+    auto fill_rows = [&](int64_t item, std::vector<int64_t>& r) {
       const int64_t s = item / kv_heads, kh = item % kv_heads, n = ctx[s];
       const int64_t* table = tables + s * max_blocks;
-      rows.resize(n);
-      for (int64_t p = 0; p < n; ++p) {
-        rows[p] = ((table[p / block_size] * block_size + p % block_size) * kv_heads + kh) * d;
+      r.resize(n);
+      for (int64_t p0 = 0; p0 < n; p0 += block_size) {  // block by block: no division per position
+        const int64_t first = table[p0 / block_size] * block_size, cnt = std::min(block_size, n - p0);
+        for (int64_t j = 0; j < cnt; ++j) r[p0 + j] = ((first + j) * kv_heads + kh) * d;
       }
+    };
+    fill_rows(begin, rows);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / kv_heads, kh = item % kv_heads, n = ctx[s];
+      const int64_t next_n = item + 1 < end ? ctx[(item + 1) / kv_heads] : 0;
+      if (next_n) fill_rows(item + 1, next_rows);
       scores.resize(g * n);
       for (int64_t gi = 0; gi < g; ++gi) {
         const T* src = q + (s * heads + kh * g + gi) * d;
         __m512 qv[NC];
         for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(load16(src + 16 * c), _mm512_set1_ps(scale));
         float* sc = &scores[gi * n];
+        const bool ahead = gi == 0;  // the first head's passes fetch the next item's rows into L2, one per key
         for (int64_t p = 0; p < n; ++p) {
+          if (ahead && p < next_n) prefetch_row_impl<NC>(kc + next_rows[p]);
           const T* kp = kc + rows[p];
           __m512 a = _mm512_mul_ps(qv[0], load16(kp));
           for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(kp + 16 * c), a);
@@ -80,13 +97,21 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
         __m512 acc[NC];
         for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
         for (int64_t p = 0; p < n; ++p) {
+          if (ahead && p < next_n) prefetch_row_impl<NC>(vc + next_rows[p]);
           const T* vp = vc + rows[p];
           const __m512 w = _mm512_set1_ps(sc[p]);
           for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vp + 16 * c), acc[c]);
         }
+        if (ahead) {
+          for (int64_t p = n; p < next_n; ++p) {
+            prefetch_row_impl<NC>(kc + next_rows[p]);
+            prefetch_row_impl<NC>(vc + next_rows[p]);
+          }
+        }
         T* dst = out + (s * heads + kh * g + gi) * d;
         for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[c]);
       }
+      std::swap(rows, next_rows);
     }
   });
 }

@@ -50,7 +50,7 @@ struct TileBlocks {
     return reinterpret_cast<const at::Half*>(base + (b >> 1) * pair + kPairCodeBytes + (2 + (b & 1)) * kHalfBlockBytes);
   }
 };
-constexpr int kMaxRowsPerPass = 4;  // activation rows sharing one unpack of the weights
+constexpr int kMaxRowsPerPass = 8;  // activation rows sharing one unpack of the weights
 constexpr int64_t kRowChunk = 64;  // activation rows a thread runs all its tiles over before the next rows
 constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
 
@@ -132,6 +132,10 @@ void gemm(const T* x, const uint8_t* qdata, int64_t m_rows, int64_t k, int64_t t
           const float* c = cx.data() + m0 * nb;
           T* o = out + m0 * n + t * kRows;
           switch (mb) {
+            case 8: tile_pass<kAsym, L, 8>(w, nb, q, d, c, k, o, n); break;
+            case 7: tile_pass<kAsym, L, 7>(w, nb, q, d, c, k, o, n); break;
+            case 6: tile_pass<kAsym, L, 6>(w, nb, q, d, c, k, o, n); break;
+            case 5: tile_pass<kAsym, L, 5>(w, nb, q, d, c, k, o, n); break;
             case 4: tile_pass<kAsym, L, 4>(w, nb, q, d, c, k, o, n); break;
             case 3: tile_pass<kAsym, L, 3>(w, nb, q, d, c, k, o, n); break;
             case 2: tile_pass<kAsym, L, 2>(w, nb, q, d, c, k, o, n); break;

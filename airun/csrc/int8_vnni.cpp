@@ -28,7 +28,7 @@ using airun::store16;
 
 constexpr int64_t kRows = 16;
 constexpr int64_t kBlockBytes = kRows * kActBlock;  // one tile-block: 512 bytes, 8 vectors
-constexpr int kMaxRowsPerPass = 4;
+constexpr int kMaxRowsPerPass = 8;
 constexpr int64_t kRowChunk = 64;
 constexpr int64_t kPrefetchBlocks = 12;
 
@@ -90,6 +90,10 @@ void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows,
           const float* c = corr.data() + m0;
           T* o = out + m0 * n + t * kRows;
           switch (mb) {
+            case 8: tile_pass<L, 8>(tile, nb, q, d, c, scale, k, o, n); break;
+            case 7: tile_pass<L, 7>(tile, nb, q, d, c, scale, k, o, n); break;
+            case 6: tile_pass<L, 6>(tile, nb, q, d, c, scale, k, o, n); break;
+            case 5: tile_pass<L, 5>(tile, nb, q, d, c, scale, k, o, n); break;
             case 4: tile_pass<L, 4>(tile, nb, q, d, c, scale, k, o, n); break;
             case 3: tile_pass<L, 3>(tile, nb, q, d, c, scale, k, o, n); break;
             case 2: tile_pass<L, 2>(tile, nb, q, d, c, scale, k, o, n); break;
