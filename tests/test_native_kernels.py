@@ -248,6 +248,34 @@ def test_fused_norms_equal_the_pytorch_code(dtype: torch.dtype) -> None:
         torch.testing.assert_close(got_added, want_added, rtol=2e-6, atol=2e-6)
 
 
+def test_argmax_equals_torch_argmax_ties_and_nans_included() -> None:
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(32, 49152), (1, 49152), (3, 17), (5, 1)]:
+        x = torch.randn(*shape, generator=gen)
+        assert torch.equal(torch.ops.airun_fused.argmax(x), x.argmax(dim=-1)), shape
+        x = -x.abs() - 1  # all negative: a row's tail lanes must not count
+        assert torch.equal(torch.ops.airun_fused.argmax(x), x.argmax(dim=-1)), shape
+    x = torch.randn(4, 100, generator=gen)
+    x[1, 50] = x[1, 70] = 1e9  # a tie: the first
+    x[2, 30] = x[2, 10] = float("nan")  # NaNs count as the largest: the first
+    x[3] = float("-inf")
+    assert torch.ops.airun_fused.argmax(x).tolist() == x.argmax(dim=-1).tolist() == [int(x[0].argmax()), 50, 10, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("inter", [1536, 40, 7])
+def test_fused_silu_mul_is_within_an_ulp_of_the_pytorch_code(dtype: torch.dtype, inter: int) -> None:
+    """F.silu(gate) * up with its two roundings; the exp differs from PyTorch's by a few float32 ulp, which the
+    rounding to bfloat16 almost always absorbs."""
+    gate_up = (torch.randn(33, 2 * inter, generator=torch.Generator().manual_seed(6)) * 4).to(dtype)
+    ref = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    got = torch.ops.airun_fused.silu_mul(gate_up)
+    assert got.dtype == dtype and got.shape == ref.shape
+    ulp = ref.float().abs() * (2**-7 if dtype == torch.bfloat16 else 2**-23) + torch.finfo(torch.float32).tiny
+    assert ((got.float() - ref.float()).abs() / ulp).max() <= (1 if dtype == torch.bfloat16 else 4)
+    assert (got != ref).float().mean() < (0.01 if dtype == torch.bfloat16 else 0.2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_rope_and_cache_write_equal_the_pytorch_code(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(6)
@@ -319,7 +347,8 @@ def test_busy_steps_run_one_activation_level(tiny_mistral_dir: Path) -> None:
     from tests.engine_helpers import greedy, make_engine, run_all
 
     assert engine_args_from(build_parser().parse_args(["generate", "hi"])).one_level_from == 16
-    assert engine_args_from(build_parser().parse_args(["generate", "--one-level-from", "0", "hi"])).one_level_from is None
+    args = engine_args_from(build_parser().parse_args(["generate", "--one-level-from", "0", "hi"]))
+    assert args.one_level_from is None
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--one-level-from", "-1", "hi"])
     engine = make_engine(tiny_mistral_dir, quantize="int4", dtype="bfloat16", one_level_from=3)

@@ -1,14 +1,17 @@
-// Per-token elementwise work of a decoder layer fused into single passes: RMSNorm (with the residual add), and
-// rotary embedding of q and k together with the KV cache write. Each reproduces the roundings of the PyTorch ops it
-// replaces (transformers' Llama/Mistral code) in bfloat16: every intermediate that PyTorch stores in the model dtype
-// is rounded to it here too; in float32 the math is the same up to summation order.
+// Per-token elementwise work of a decoder layer fused into single passes: RMSNorm (with the residual add), rotary
+// embedding of q and k together with the KV cache write, and the SwiGLU product; and the greedy argmax. The norms and
+// the rotary op reproduce the roundings of the PyTorch ops they replace (transformers' Llama/Mistral code) in
+// bfloat16: every intermediate that PyTorch stores in the model dtype is rounded to it here too; in float32 the math
+// is the same up to summation order. The SwiGLU product differs only by its exp (see silu_mul_rows).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -165,9 +168,92 @@ std::tuple<at::Tensor, at::Tensor> rope_kv(const at::Tensor& qkv, const at::Tens
   return {q, k};
 }
 
+// out[t, i] = T(T(silu(g)) * u) for g = gate_up[t, i], u = gate_up[t, I + i]: F.silu(gate) * up with its two
+// roundings. silu(g) = g / (1 + exp(-g)) with exp16 (a few ulp from PyTorch's exp before the rounding to T).
+template <typename T>
+void silu_mul_rows(const T* gu, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 8192 / inter), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = gu + r * 2 * inter;
+      const T* u = g + inter;
+      T* o = out + r * inter;
+      for (int64_t c = 0; c < inter; c += 16) {
+        const __mmask16 m = airun::tail_mask(inter - c);
+        const __m512 gv = airun::load16_masked(g + c, m);
+        const __m512 e = airun::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m512 s = rnd<T>(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+        const __m512 y = _mm512_mul_ps(s, airun::load16_masked(u + c, m));
+        if (c + 16 <= inter) {
+          store16(o + c, y);
+        } else {
+          alignas(64) T tmp[16];
+          store16(tmp, y);
+          std::memcpy(o + c, tmp, (inter - c) * sizeof(T));
+        }
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0 && gate_up.is_contiguous(),
+              "gate_up must be contiguous [T, 2 I]");
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat || gate_up.scalar_type() == at::kBFloat16,
+              "float32 or bfloat16 only");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, inter}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat) {
+    silu_mul_rows(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
+  } else {
+    silu_mul_rows(gate_up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows, inter);
+  }
+  return out;
+}
+
+// Index of each row's largest value, the first one on ties; a row with a NaN gives its first NaN (as torch.argmax).
+void argmax_rows(const float* x, int64_t* out, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = x + r * n;
+      const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      __m512 mx = lowest;
+      __mmask16 nan = 0;
+      for (int64_t c = 0; c < n; c += 16) {
+        const __m512 v = _mm512_mask_loadu_ps(lowest, airun::tail_mask(n - c), xr + c);  // lanes past n: -inf
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        mx = _mm512_max_ps(mx, v);
+      }
+      const float best = _mm512_reduce_max_ps(mx);
+      const __m512 bv = _mm512_set1_ps(best);
+      int64_t idx = 0;
+      for (int64_t c = 0; c < n; c += 16) {  // the first position holding the max (or a NaN), from L1/L2
+        const __mmask16 tail = airun::tail_mask(n - c);
+        const __m512 v = _mm512_maskz_loadu_ps(tail, xr + c);
+        const __mmask16 hit =
+            tail & (nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, bv, _CMP_EQ_OQ));
+        if (hit) {
+          idx = c + __builtin_ctz(hit);
+          break;
+        }
+      }
+      out[r] = idx;
+    }
+  });
+}
+
+at::Tensor argmax(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "x must be contiguous float32 [M, N], N > 0");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kLong));
+  argmax_rows(x.data_ptr<float>(), out.data_ptr<int64_t>(), x.size(0), x.size(1));
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(airun_fused, m) {
+  m.def("argmax(Tensor x) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor(a!) residual, Tensor weight, float eps) -> Tensor");
   m.def("rope_kv(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, "
@@ -178,4 +264,6 @@ TORCH_LIBRARY_IMPL(airun_fused, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("rope_kv", &rope_kv);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("argmax", &argmax);
 }

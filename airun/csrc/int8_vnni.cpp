@@ -63,7 +63,9 @@ inline void tile_pass(const uint8_t* tile, int64_t nb, const int8_t* xq, const f
       acc[m] = _mm512_fmadd_ps(dot, _mm512_set1_ps(unit[m * nb + b]), acc[m]);
     }
   }
-  for (int m = 0; m < MB; ++m) store16(out + m * n, _mm512_mul_ps(scale, _mm512_sub_ps(acc[m], _mm512_set1_ps(corr[m]))));
+  for (int m = 0; m < MB; ++m) {
+    store16(out + m * n, _mm512_mul_ps(scale, _mm512_sub_ps(acc[m], _mm512_set1_ps(corr[m]))));
+  }
 }
 
 template <int L, typename T>

@@ -189,5 +189,13 @@ class Int4VnniLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-__all__ = ["KERNEL_MAX_ROWS", "Int4VnniLinear", "activation_levels", "pack_codes", "pack_weight", "set_activation_levels", "unpack_codes",
-           "vnni_supported"]
+__all__ = [
+    "KERNEL_MAX_ROWS",
+    "Int4VnniLinear",
+    "activation_levels",
+    "pack_codes",
+    "pack_weight",
+    "set_activation_levels",
+    "unpack_codes",
+    "vnni_supported",
+]

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from airun import native
+
 if TYPE_CHECKING:
     from airun.engine.sequence import Sequence as EngineSequence
 
@@ -252,6 +254,14 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return out
 
 
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` of a 2-D float32 tensor, by airun's vectorized C++ op on CPU where it is built (PyTorch's
+    takes ~0.45 ms for 32 rows of a 49,152-token vocabulary, ~4x longer); same result, ties and NaNs included."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and x.shape[1] > 0 and native.available():
+        return torch.ops.airun_fused.argmax(x.contiguous())
+    return x.argmax(dim=-1)
+
+
 class Sampler:
     """Logits [N, V] float32 -> next token ids [N] int64, one row per sequence.
 
@@ -271,10 +281,10 @@ class Sampler:
         if batch.allowed_mask is not None:
             x = x.masked_fill(~batch.allowed_mask, _NEG_INF)
         if batch.all_greedy:
-            return x.argmax(dim=-1)
+            return _argmax(x)
         sampled = self._sample(x, batch)
         if batch.any_greedy:
-            return torch.where(batch.greedy, x.argmax(dim=-1), sampled)
+            return torch.where(batch.greedy, _argmax(x), sampled)
         return sampled
 
     @staticmethod
@@ -311,4 +321,4 @@ class Sampler:
             keep |= (batch.top_k == 0).unsqueeze(1)
             scaled = scaled.masked_fill(~keep, _NEG_INF)
         vocab_ids = torch.arange(vocab, dtype=torch.int64, device=x.device).unsqueeze(0)
-        return (scaled + gumbel_noise(keys, vocab_ids)).argmax(dim=-1)
+        return _argmax(scaled + gumbel_noise(keys, vocab_ids))

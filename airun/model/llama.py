@@ -97,7 +97,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.forward(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj.forward(x)
+        if gate_up.dim() == 2 and _fusable(gate_up):
+            return self.down_proj.forward(torch.ops.airun_fused.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj.forward(F.silu(gate) * up)
 
 
