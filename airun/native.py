@@ -1,5 +1,5 @@
 """airun's own C++ CPU kernels (``airun/csrc/*.cpp``), registered as ``torch.ops.airun_int4``, ``airun_int8``, ``airun_attn``,
-``airun_fused`` and ``airun_lora``.
+``airun_fused``, ``airun_lora`` and ``airun_layer``.
 
 They are compiled on first use with PyTorch's C++ extension builder (a C++ compiler and ``ninja`` are needed) into
 ``<airun cache>/torch_extensions/native_<hash>``, keyed by the sources, flags and PyTorch version, so a changed source
@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger("airun.native")
 
-SOURCES = ("int4_vnni.cpp", "int8_vnni.cpp", "decode_attention.cpp", "fused_ops.cpp", "lora.cpp")
+SOURCES = ("int4_vnni.cpp", "int8_vnni.cpp", "decode_attention.cpp", "fused_ops.cpp", "lora.cpp", "decoder_layer.cpp")
 _CSRC = Path(__file__).resolve().parent / "csrc"
 # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP. The library then
 # links libgomp.so.1, which resolves to the copy PyTorch already loaded (same soname): one thread pool.

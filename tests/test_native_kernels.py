@@ -362,3 +362,35 @@ def test_busy_steps_run_one_activation_level(tiny_mistral_dir: Path) -> None:
     seen.clear()
     run_all(engine, {"solo": ([1, 5, 6], greedy(4))})
     assert len(seen) == 4 and set(seen) == {2}
+
+
+def test_fused_decoder_layer_equals_the_python_path_bit_for_bit(demo_gguf: Path) -> None:
+    """Decode-only steps run each layer as one op (``airun_layer.decode``); logits and tokens equal those of the
+    layer-by-layer Python path exactly, with two activation levels and with one."""
+    from airun.model.llama import CausalLM
+    from tests.engine_helpers import LogitsRecorder, greedy, make_engine, run_all
+
+    engine = make_engine(demo_gguf, dtype="bfloat16", enable_prefix_caching=False, one_level_from=3)
+    tok = engine.tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}])
+               for q in ("What is the capital of France?", "Name three colors.", "Count to five.")]
+    used: list[bool] = []
+    engine.model.register_forward_pre_hook(
+        lambda m, args: used.append(m._fused_decode_args(m.model.embed_tokens(args[0]), args[2]) is not None))
+    runs = []
+    for fuse in (True, False):
+        CausalLM.fuse_decode_layers = fuse
+        try:
+            for batch in ([prompts[0]], prompts):  # one sequence: two levels; three: one level
+                rec = LogitsRecorder(engine)
+                out = run_all(engine, {f"{fuse}{len(batch)}{i}": (ids, greedy(12)) for i, ids in enumerate(batch)})
+                rec.close()
+                runs.append((list(out.values()), rec.steps))
+        finally:
+            CausalLM.fuse_decode_layers = True
+    assert any(used)  # the fused op ran (on the decode steps)
+    for fused_run, python_run in zip(runs[:2], runs[2:]):
+        assert fused_run[0] == python_run[0]
+        assert len(fused_run[1]) == len(python_run[1])
+        assert all(torch.equal(a, b) for a, b in zip(fused_run[1], python_run[1]))
+    assert "Paris" in tok.decode(runs[0][0][0])

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from airun import native
+from airun.layers import int4_vnni
 from airun.layers.attention import AttentionMetadata, paged_attention
+from airun.layers.int4_vnni import Int4VnniLinear
 from airun.layers.packed import pack_linears, packing_supported
 from airun.layers.rotary import RotaryEmbedding
 from airun.model.config import ModelConfig
@@ -150,7 +152,9 @@ class CausalLM(nn.Module):
 
     Inside the decoder, submodules are called through ``.forward``: nothing registers hooks there, and
     ``nn.Module.__call__``'s hook dispatch cost ~0.4 ms of a 5.5 ms decode step of the demo model (270 calls). The
-    head (``lm_head``) and the embedding are called as modules, so hooks on them work.
+    head (``lm_head``) and the embedding are called as modules, so hooks on them work. A decode-only step with int4
+    VNNI projections runs each layer as one native op (``airun/csrc/decoder_layer.cpp``: the same ops, in the same
+    order, as the Python path, so the same bits) and skips the submodules' ``forward`` entirely.
 
     Parameter names follow Hugging Face's, except that q/k/v and gate/up are fused (``qkv_proj``, ``gate_up_proj``).
     With tied embeddings ``lm_head.weight`` is the embedding matrix.
@@ -164,15 +168,65 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    fuse_decode_layers = True  # decode-only steps run each layer as one native op where the layers allow it
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary.lookup(positions, x.dtype)
         residual = None
-        for layer in self.model.layers:
-            x, residual = layer.forward(rope, x, residual, meta)
+        fused = self._fused_decode_args(x, meta)
+        if fused is not None:
+            levels = int4_vnni.activation_levels()
+            step = (meta.slot_mapping, meta.decode_block_tables, meta.decode_ctx_lens)
+            for norm1, norm2, eps, projections, caches, shape in fused:
+                x, residual = torch.ops.airun_layer.decode.default(
+                    x, residual, norm1, norm2, eps, *projections, levels, *rope, *caches, *step, *shape
+                )
+        else:
+            for layer in self.model.layers:
+                x, residual = layer.forward(rope, x, residual, meta)
         if residual is None:  # no layers
             return self.model.norm(x)
         return self.model.norm(x, residual)[0]
+
+    def _fused_decode_args(self, x: torch.Tensor, meta: AttentionMetadata) -> list[tuple] | None:
+        """Per layer, the arguments of ``airun_layer.decode`` that the layer fixes, when this step is decode-only and
+        every layer takes the op: int4 VNNI projections (no LoRA wrapper), native kernels, a CPU activation in the
+        norms' dtype. None otherwise: the Python path runs, computing the same thing. The per-layer part is built once
+        per set of KV caches (the modules and their buffers are fixed by then: loading, quantization and LoRA wrapping
+        come first)."""
+        if not (self.fuse_decode_layers and meta.num_prefill_tokens == 0 and meta.decode_ctx_lens is not None):
+            return None
+        if not (x.dim() == 2 and x.shape[0] == meta.num_decode and _fusable(x) and x.shape[1] % 16 == 0):
+            return None
+        layers = self.model.layers
+        key = id(layers[0].self_attn.k_cache) if len(layers) else None
+        cached = self.__dict__.get("_fused_decode")
+        if cached is None or cached[0] != key:
+            cached = (key, self._build_fused_decode_args())
+            self.__dict__["_fused_decode"] = cached
+        args = cached[1]
+        if args is None or args[0][0].dtype != x.dtype:
+            return None
+        return args
+
+    def _build_fused_decode_args(self) -> list[tuple] | None:
+        out = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            projections = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            if not all(type(p) is Int4VnniLinear for p in projections) or not native.available():
+                return None
+            k, v = attn.k_cache, attn.v_cache
+            if k.dim() != 4 or not k.is_contiguous() or attn.head_dim not in (32, 64, 128, 256):
+                return None
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if norms[0].weight.dtype != norms[1].weight.dtype or norms[0].eps != norms[1].eps:
+                return None
+            weights = tuple(a for p in projections for a in (p.qdata, p.asym))
+            out.append((norms[0].weight, norms[1].weight, norms[0].eps, weights, (k, v),
+                        (attn.num_heads, attn.num_kv_heads, attn.scale)))
+        return out or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
