@@ -175,6 +175,14 @@ def test_int8_layer_matches_float64_on_either_level() -> None:
         refb = x.bfloat16().double() @ w64.t()
         assert yb.dtype == torch.bfloat16
         assert ((yb.double() - refb).abs() / refb.abs().amax(dim=1, keepdim=True)).max() < 1e-2
+    lin.float_output = True  # as the head: float32 logits from bfloat16 activations, without their rounding
+    for m in (3, INT8_KERNEL_MAX_ROWS + 1):
+        xb = torch.randn(m, k, generator=gen).bfloat16()
+        refb = xb.double() @ w64.t()
+        yf = lin(xb)
+        assert yf.dtype == torch.float32
+        bound = 1e-4 if m <= INT8_KERNEL_MAX_ROWS else 1e-2  # above: a bfloat16 GEMM, then float32
+        assert ((yf.double() - refb).abs() / refb.abs().amax(dim=1, keepdim=True)).max() < bound, m
     with pytest.raises(ValueError):
         Int8VnniLinear(64, 40)  # N not a multiple of 16
     with pytest.raises(ValueError):

@@ -68,8 +68,8 @@ inline void tile_pass(const uint8_t* tile, int64_t nb, const int8_t* xq, const f
   }
 }
 
-template <int L, typename T>
-void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows, int64_t k, int64_t tiles, T* out) {
+template <int L, typename T, typename TO>
+void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows, int64_t k, int64_t tiles, TO* out) {
   const int64_t nb = k / kActBlock, n = tiles * kRows;
   std::vector<int8_t> xq(m_rows * L * k);
   std::vector<float> unit(m_rows * nb), cx(m_rows * nb), corr(m_rows);
@@ -90,7 +90,7 @@ void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows,
           const int8_t* q = xq.data() + m0 * L * k;
           const float* d = unit.data() + m0 * nb;
           const float* c = corr.data() + m0;
-          T* o = out + m0 * n + t * kRows;
+          TO* o = out + m0 * n + t * kRows;
           switch (mb) {
             case 8: tile_pass<L, 8>(tile, nb, q, d, c, scale, k, o, n); break;
             case 7: tile_pass<L, 7>(tile, nb, q, d, c, scale, k, o, n); break;
@@ -107,14 +107,16 @@ void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows,
   });
 }
 
-template <typename T>
+template <typename T, typename TO>
 void dispatch(const T* x, const uint8_t* w, const float* s, int64_t levels, int64_t m_rows, int64_t k, int64_t tiles,
-              T* out) {
+              TO* out) {
   if (levels == 2) gemm<2>(x, w, s, m_rows, k, tiles, out);
   else gemm<1>(x, w, s, m_rows, k, tiles, out);
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales, int64_t levels) {
+// float_out: float32 output whatever x's dtype (the head: logits without a bfloat16 rounding).
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::Tensor& scales, int64_t levels,
+                       bool float_out) {
   TORCH_CHECK(qdata.dim() == 3 && qdata.size(2) == kBlockBytes && qdata.scalar_type() == at::kByte &&
                   qdata.is_contiguous(),
               "qdata must be contiguous uint8 [N / 16, K / 32, 512]");
@@ -126,14 +128,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::T
   TORCH_CHECK(levels == 1 || levels == 2, "activation levels must be 1 or 2");
   const at::Tensor xc = x.contiguous();
   const int64_t m_rows = xc.size(0), k = xc.size(1), tiles = qdata.size(0);
-  at::Tensor out = at::empty({m_rows, tiles * kRows}, xc.options());
+  const bool f32_out = float_out || xc.scalar_type() == at::kFloat;
+  at::Tensor out = at::empty({m_rows, tiles * kRows}, xc.options().dtype(f32_out ? at::kFloat : at::kBFloat16));
   if (m_rows == 0) return out;
   const auto* w = qdata.data_ptr<uint8_t>();
   const float* s = scales.data_ptr<float>();
+  using BF = at::BFloat16;
   if (xc.scalar_type() == at::kFloat) {
     dispatch(xc.data_ptr<float>(), w, s, levels, m_rows, k, tiles, out.data_ptr<float>());
+  } else if (f32_out) {
+    dispatch(xc.data_ptr<BF>(), w, s, levels, m_rows, k, tiles, out.data_ptr<float>());
   } else {
-    using BF = at::BFloat16;
     dispatch(xc.data_ptr<BF>(), w, s, levels, m_rows, k, tiles, out.data_ptr<BF>());
   }
   return out;
@@ -141,6 +146,8 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qdata, const at::T
 
 }  // namespace
 
-TORCH_LIBRARY(airun_int8, m) { m.def("linear(Tensor x, Tensor qdata, Tensor scales, int levels=2) -> Tensor"); }
+TORCH_LIBRARY(airun_int8, m) {
+  m.def("linear(Tensor x, Tensor qdata, Tensor scales, int levels=2, bool float_out=False) -> Tensor");
+}
 
 TORCH_LIBRARY_IMPL(airun_int8, CPU, m) { m.impl("linear", &int8_linear); }

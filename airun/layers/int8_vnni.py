@@ -31,7 +31,8 @@ class Int8VnniLinear(nn.Module):
     """``y = x @ (scales[:, None] * q).T`` without a bias; a drop-in for ``nn.Linear(in, out, bias=False)``.
 
     Invariants: ``qdata`` uint8 ``[N / 16, K / 32, 512]`` holds ``q + 128`` in the kernel's order (``int8_vnni.cpp``:
-    tile, block, 4-input group, row, input); ``scales`` float32 ``[N]``. The output has the dtype of ``x``."""
+    tile, block, 4-input group, row, input); ``scales`` float32 ``[N]``. The output has the dtype of ``x``, or float32
+    when ``float_output`` (set for the head: logits are used in float32, and the kernel accumulates in it)."""
 
     def __init__(self, in_features: int, out_features: int, device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -43,6 +44,7 @@ class Int8VnniLinear(nn.Module):
         shape = (out_features // ROWS_PER_TILE, in_features // BLOCK, ROWS_PER_TILE * BLOCK)
         self.register_buffer("qdata", torch.empty(shape, dtype=torch.uint8, device=device))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.float_output = False
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel (VNNI)"
@@ -77,10 +79,11 @@ class Int8VnniLinear(nn.Module):
         return q * self.scales[row0:row1, None].to(dtype)
 
     def kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        """``[M, K] -> [M, N]`` through the VNNI kernel (float32 or bfloat16 in and out)."""
+        """``[M, K] -> [M, N]`` through the VNNI kernel (float32 or bfloat16 in; out, see ``float_output``)."""
         xk = x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
-        y = torch.ops.airun_int8.linear.default(xk, self.qdata, self.scales, int4_vnni.activation_levels())
-        return y.to(x2.dtype)
+        levels = int4_vnni.activation_levels()
+        y = torch.ops.airun_int8.linear.default(xk, self.qdata, self.scales, levels, self.float_output)
+        return y if self.float_output else y.to(x2.dtype)
 
     def dequant_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         """``[M, K] -> [M, N]`` by dense GEMMs over tiles of the weight dequantized to the dtype of ``x2``."""
@@ -89,7 +92,7 @@ class Int8VnniLinear(nn.Module):
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)
             y[:, r0:r1] = F.linear(x2, self.dequantize(x2.dtype, r0, r1))
-        return y
+        return y.float() if self.float_output else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)

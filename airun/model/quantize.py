@@ -204,6 +204,7 @@ class QuantLoader:
                 new = Int4VnniLinear(k, n, group, "meta")
             elif fmt == "int8" and backend == "cpu" and vnni8_supported(n, k):
                 new = Int8VnniLinear(k, n, "meta")
+                new.float_output = path == "lm_head"  # logits in float32, without a bfloat16 rounding
             else:
                 new = quantized_linear(fmt, k, n, "meta", group, backend)
             setattr(parent, attr, new)
