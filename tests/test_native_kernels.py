@@ -402,3 +402,28 @@ def test_fused_decoder_layer_equals_the_python_path_bit_for_bit(demo_gguf: Path)
         assert len(fused_run[1]) == len(python_run[1])
         assert all(torch.equal(a, b) for a, b in zip(fused_run[1], python_run[1]))
     assert "Paris" in tok.decode(runs[0][0][0])
+
+
+def test_short_prefill_chunks_attend_through_the_decode_kernel(tiny_mistral_dir: Path) -> None:
+    """A prefill chunk ending within PREFILL_AS_DECODE_MAX_CTX positions gets one decode query per token (its context
+    = position + 1, its sequence's block table); a longer one keeps PyTorch's SDPA. Both are checked against
+    transformers by the numerics and perplexity tests."""
+    from airun.engine.scheduler import ScheduledSeq
+    from airun.engine.sequence import Sequence
+    from airun.layers.attention import PREFILL_AS_DECODE_MAX_CTX
+    from airun.sampling_params import SamplingParams
+    from tests.engine_helpers import make_engine
+
+    engine = make_engine(tiny_mistral_dir)
+    seq = Sequence("s", list(range(3, 3 + PREFILL_AS_DECODE_MAX_CTX + 88)), SamplingParams(max_tokens=1))
+    first = PREFILL_AS_DECODE_MAX_CTX - 12
+    assert engine.kv.allocate_slots(seq, first)
+    _, positions, meta, _ = engine.runner.prepare([ScheduledSeq(seq, first)])
+    assert meta.prefill_token_ctx is not None and meta.prefill_token_tables is not None
+    assert torch.equal(meta.prefill_token_ctx, positions + 1)
+    blocks = -(-first // engine.runner.block_size)
+    assert meta.prefill_token_tables.tolist() == [seq.block_table[:blocks]] * first
+    seq.num_computed_tokens = first
+    assert engine.kv.allocate_slots(seq, 100)
+    _, _, meta, _ = engine.runner.prepare([ScheduledSeq(seq, 100)])  # ends past the threshold
+    assert meta.prefill_token_ctx is None and meta.prefill_token_tables is None

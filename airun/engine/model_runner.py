@@ -12,7 +12,7 @@ import torch
 from airun.engine.scheduler import ScheduledSeq, SchedulerOutput
 from airun.engine.sequence import Sequence
 from airun.layers import int4_vnni
-from airun.layers.attention import AttentionMetadata
+from airun.layers.attention import PREFILL_AS_DECODE_MAX_CTX, AttentionMetadata
 from airun.layers.sampler import Sampler, build_sampling_batch
 from airun.model.llama import CausalLM
 
@@ -132,6 +132,11 @@ class ModelRunner:
             meta.prefill_max_q = mq
             pad = [b * mq + i for b, s in enumerate(prefill) for i in range(s.num_new_tokens)]
             meta.prefill_pad_index = torch.tensor(pad, dtype=torch.int64, device=dev)
+            if dev.type == "cpu" and max(ends) <= PREFILL_AS_DECODE_MAX_CTX:
+                tables = self._block_tables([s.seq for s in prefill], (max(ends) + bs - 1) // bs)
+                counts = torch.tensor([s.num_new_tokens for s in prefill], dtype=torch.int64, device=dev)
+                meta.prefill_token_tables = tables.repeat_interleave(counts, dim=0)
+                meta.prefill_token_ctx = torch.tensor(pos[len(decode) :], dtype=torch.int64, device=dev) + 1
         input_ids = torch.tensor(ids, dtype=torch.int64, device=dev)
         positions = torch.tensor(pos, dtype=torch.int64, device=dev)
         return input_ids, positions, meta, last

@@ -7,8 +7,9 @@ ggml's, flips near-tied greedy tokens), and each weight block is a VNNI dot prod
 sixteen output rows per instruction. Where :func:`airun.native.available` is False (no C++ build, no AVX-512 VNNI, or
 ``AIRUN_NATIVE_KERNELS=0``), int4 layers use :class:`~airun.layers.quant.Int4Linear` instead.
 
-Rows above :data:`KERNEL_MAX_ROWS` (prefill) dequantize the weight tile by tile into the activation dtype and run a
-dense GEMM, never holding a full-precision copy of the weight.
+With two levels, rows above :data:`KERNEL_MAX_ROWS` (prefill) dequantize the weight tile by tile into the activation
+dtype and run a dense GEMM, never holding a full-precision copy of the weight; with one (a busy step, see
+:func:`set_activation_levels`), every row count runs the kernel.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ TILE_BLOCK_BYTES = ROWS_PER_TILE * BLOCK // 2
 PAIR_CODE_BYTES = 2 * TILE_BLOCK_BYTES
 SYMMETRIC_PAIR_BYTES = PAIR_CODE_BYTES + 2 * ROWS_PER_TILE * 2  # codes + float16 scales of two blocks
 ASYMMETRIC_PAIR_BYTES = SYMMETRIC_PAIR_BYTES + 2 * ROWS_PER_TILE * 2  # ... + float16 mins
-# Measured on demo and 7B shapes, 2 threads: from ~96-128 rows on, dequantize + GEMM is as fast or faster.
+# Measured on demo and 7B shapes, 2 threads: from ~96-128 rows on, dequantize + GEMM is as fast as the kernel with two
+# activation levels or faster; with one level the kernel stays ahead at any size (bench/RESULTS.md).
 KERNEL_MAX_ROWS = 96
 _levels = 2  # int8 activation levels of the kernel in the current forward (set_activation_levels)
 
@@ -185,7 +187,9 @@ class Int4VnniLinear(nn.Module):
         if x.dim() == 2 and x.shape[0] <= KERNEL_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
             return _linear(x, *self._weight_args())  # the decode path, kept short
         x2 = x.reshape(-1, self.in_features)
-        y = self.kernel_matmul(x2) if x2.shape[0] <= KERNEL_MAX_ROWS else self.dequant_matmul(x2)
+        # one level: the kernel beats dequantize + GEMM at every size (~15% at 1,024 rows); two: up to ~96 rows
+        kernel = x2.shape[0] <= KERNEL_MAX_ROWS or _levels == 1
+        y = self.kernel_matmul(x2) if kernel else self.dequant_matmul(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
 

@@ -96,7 +96,8 @@ class Int8VnniLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        y = self.kernel_matmul(x2) if x2.shape[0] <= KERNEL_MAX_ROWS else self.dequant_matmul(x2)
+        kernel = x2.shape[0] <= KERNEL_MAX_ROWS or int4_vnni.activation_levels() == 1  # as the int4 layer
+        y = self.kernel_matmul(x2) if kernel else self.dequant_matmul(x2)
         return y.view(*x.shape[:-1], self.out_features)
 
 
