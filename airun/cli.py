@@ -34,9 +34,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         "quantization when the dtype is 16-bit, other checkpoints stay float; none: never quantize",
     )
     g.add_argument("--one-level-from", type=_non_negative, default=16, metavar="N",
-                   help="from N sequences in a step on, int4 layers on airun's CPU kernel quantize activations to one "
-                   "int8 level, as llama.cpp does (faster under load, near-tied greedy tokens may differ), instead of "
-                   "two; 0: always two (default 16)")
+                   help="from N sequences in a step on, int4 and int8 layers on airun's CPU kernels quantize "
+                   "activations to one int8 level, as llama.cpp does (faster under load, near-tied greedy tokens may "
+                   "differ), instead of two; 0: always two (default 16)")
     lo = p.add_argument_group("LoRA adapters")
     lo.add_argument("--enable-lora", action="store_true", help="serve LoRA fine-tunes (implied by --lora)")
     lo.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",

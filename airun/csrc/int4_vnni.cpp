@@ -10,8 +10,8 @@
 // So one 64-byte load gives, per output row, 4 consecutive codes: a VNNI dot-4 with 4 broadcast activation bytes adds
 // them into that row's int32 lane, and 16 rows are done per instruction.
 //
-// Activations are quantized per block of 32 to two int8 levels (see quantize_activations). Per block, with
-// xq = 254 hi + lo:  sum_k w x = unit * (scale * sum(code * xq) + min * sum(xq)).
+// Activations are quantized per block of 32 to L int8 levels, two or one (act_quant.h). Per block, with
+// xq = 254 hi + lo (L = 2) or hi (L = 1):  sum_k w x = unit * (scale * sum(code * xq) + min * sum(xq)).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>

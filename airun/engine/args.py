@@ -31,8 +31,8 @@ class EngineArgs:
     cache_dir: str | None = None
     show_progress: bool | None = None  # None: when stderr is a terminal
     quantize: str | None = None  # int8 | int4 | none; None: a GGUF in a 16-bit dtype keeps its quantized weights
-    # Sequences in a step from which int4 layers on the native CPU kernel quantize activations to one int8 level
-    # (ggml's Q8_0 precision, ~1.6x their throughput there) instead of two; None: always two.
+    # Sequences in a step from which int4 and int8 layers on the native CPU kernels quantize activations to one int8
+    # level (ggml's Q8_0 precision, ~1.6x their throughput there) instead of two; None: always two.
     one_level_from: int | None = 16
     enable_lora: bool = False  # serve LoRA adapters (requests with `lora`); False: such requests are refused (5005)
     max_loras: int = 8  # adapters resident at once (slots of the stacked LoRA weights); also caps adapters per step

@@ -221,7 +221,8 @@ class CausalLM(nn.Module):
             if k.dim() != 4 or not k.is_contiguous() or attn.head_dim not in (32, 64, 128, 256):
                 return None
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if norms[0].weight.dtype != norms[1].weight.dtype or norms[0].eps != norms[1].eps:
+            dtype = norms[0].weight.dtype
+            if norms[1].weight.dtype != dtype or k.dtype != dtype or norms[0].eps != norms[1].eps:
                 return None
             weights = tuple(a for p in projections for a in (p.qdata, p.asym))
             out.append((norms[0].weight, norms[1].weight, norms[0].eps, weights, (k, v),
