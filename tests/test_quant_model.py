@@ -20,7 +20,14 @@ from airun.layers.int4_vnni import Int4VnniLinear
 from airun.layers.int8_vnni import Int8VnniLinear
 from airun.loader import iter_weights, load_model_config, resolve_source
 from airun.model.llama import build_model
-from airun.model.quantize import INT4_MODULES, INT8_MODULES, linear_paths, plan_from_float, quantized_bytes, resolve_quant_plan
+from airun.model.quantize import (
+    INT4_MODULES,
+    INT8_MODULES,
+    linear_paths,
+    plan_from_float,
+    quantized_bytes,
+    resolve_quant_plan,
+)
 from tests.engine_helpers import make_engine
 from tests.quant_helpers import engine_logits
 

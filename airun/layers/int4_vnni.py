@@ -4,8 +4,9 @@ PyTorch's ``_weight_int4pack_mm_for_cpu`` reads int4 weights at about half the m
 decodes at about half of llama.cpp's speed with it. This kernel works as ggml's Q4_0 x Q8_0 path does, with
 finer activations: they are quantized to two int8 levels per block of 32 (error below bfloat16's; one level, as
 ggml's, flips near-tied greedy tokens, and is used only in busy steps: :func:`set_activation_levels`), and each
-weight block is a VNNI dot product of unsigned codes with them, sixteen output rows per instruction. Where :func:`airun.native.available` is False (no C++ build, no AVX-512 VNNI, or
-``AIRUN_NATIVE_KERNELS=0``), int4 layers use :class:`~airun.layers.quant.Int4Linear` instead.
+weight block is a VNNI dot product of unsigned codes with them, sixteen output rows per instruction. Where
+:func:`airun.native.available` is False (no C++ build, no AVX-512 VNNI, or ``AIRUN_NATIVE_KERNELS=0``), int4 layers
+use :class:`~airun.layers.quant.Int4Linear` instead.
 
 With two levels, rows above :data:`KERNEL_MAX_ROWS` (prefill) dequantize the weight tile by tile into the activation
 dtype and run a dense GEMM, never holding a full-precision copy of the weight; with one (a busy step, see
