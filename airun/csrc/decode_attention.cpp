@@ -47,7 +47,7 @@ inline void softmax(float* sc, int64_t n) {
 
 // One head's key or value row (d elements of T: 32 to 512 bytes) into L2.
 template <int NC, typename T>
-inline void prefetch_row_impl(const T* row) {
+inline void prefetch_row(const T* row) {
   constexpr int64_t bytes = NC * 16 * static_cast<int64_t>(sizeof(T));
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
 }
@@ -87,7 +87,7 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
         float* sc = &scores[gi * n];
         const bool ahead = gi == 0;  // the first head's passes fetch the next item's rows into L2, one per key
         for (int64_t p = 0; p < n; ++p) {
-          if (ahead && p < next_n) prefetch_row_impl<NC>(kc + next_rows[p]);
+          if (ahead && p < next_n) prefetch_row<NC>(kc + next_rows[p]);
           const T* kp = kc + rows[p];
           __m512 a = _mm512_mul_ps(qv[0], load16(kp));
           for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(kp + 16 * c), a);
@@ -97,15 +97,15 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
         __m512 acc[NC];
         for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
         for (int64_t p = 0; p < n; ++p) {
-          if (ahead && p < next_n) prefetch_row_impl<NC>(vc + next_rows[p]);
+          if (ahead && p < next_n) prefetch_row<NC>(vc + next_rows[p]);
           const T* vp = vc + rows[p];
           const __m512 w = _mm512_set1_ps(sc[p]);
           for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vp + 16 * c), acc[c]);
         }
         if (ahead) {
           for (int64_t p = n; p < next_n; ++p) {
-            prefetch_row_impl<NC>(kc + next_rows[p]);
-            prefetch_row_impl<NC>(vc + next_rows[p]);
+            prefetch_row<NC>(kc + next_rows[p]);
+            prefetch_row<NC>(vc + next_rows[p]);
           }
         }
         T* dst = out + (s * heads + kh * g + gi) * d;

@@ -10,7 +10,7 @@
 // So one 64-byte load gives, per output row, 4 consecutive codes: a VNNI dot-4 with 4 broadcast activation bytes adds
 // them into that row's int32 lane, and 16 rows are done per instruction.
 //
-// Activations are quantized per block of 32 to L int8 levels, two or one (act_quant.h). Per block, with
+// Activations are quantized per block of 32 to L int8 levels, two or one (vnni_common.h). Per block, with
 // xq = 254 hi + lo (L = 2) or hi (L = 1):  sum_k w x = unit * (scale * sum(code * xq) + min * sum(xq)).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -22,7 +22,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "act_quant.h"
+#include "vnni_common.h"
 #include "simd.h"
 
 namespace {
@@ -50,8 +50,6 @@ struct TileBlocks {
     return reinterpret_cast<const at::Half*>(base + (b >> 1) * pair + kPairCodeBytes + (2 + (b & 1)) * kHalfBlockBytes);
   }
 };
-constexpr int kMaxRowsPerPass = 8;  // activation rows sharing one unpack of the weights
-constexpr int64_t kRowChunk = 64;  // activation rows a thread runs all its tiles over before the next rows
 constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
 
 // sum over the block of code * x-level for the 8 weight vectors of a tile-block against one level's 32 bytes.
@@ -120,30 +118,10 @@ void gemm(const T* x, const uint8_t* qdata, int64_t m_rows, int64_t k, int64_t t
   std::vector<int8_t> xq(m_rows * L * k);
   std::vector<float> unit(m_rows * nb), cx(m_rows * nb);
   quantize_activations<L>(x, m_rows, k, xq.data(), unit.data(), cx.data());
-  at::parallel_for(0, tiles, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t r0 = 0; r0 < m_rows; r0 += kRowChunk) {  // a chunk of activation rows stays in L2 over the tiles
-      const int64_t r1 = std::min(m_rows, r0 + kRowChunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        const TileBlocks w{qdata + t * (nb / 2) * pair, pair};
-        for (int64_t m0 = r0; m0 < r1; m0 += kMaxRowsPerPass) {
-          const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, r1 - m0);
-          const int8_t* q = xq.data() + m0 * L * k;
-          const float* d = unit.data() + m0 * nb;
-          const float* c = cx.data() + m0 * nb;
-          T* o = out + m0 * n + t * kRows;
-          switch (mb) {
-            case 8: tile_pass<kAsym, L, 8>(w, nb, q, d, c, k, o, n); break;
-            case 7: tile_pass<kAsym, L, 7>(w, nb, q, d, c, k, o, n); break;
-            case 6: tile_pass<kAsym, L, 6>(w, nb, q, d, c, k, o, n); break;
-            case 5: tile_pass<kAsym, L, 5>(w, nb, q, d, c, k, o, n); break;
-            case 4: tile_pass<kAsym, L, 4>(w, nb, q, d, c, k, o, n); break;
-            case 3: tile_pass<kAsym, L, 3>(w, nb, q, d, c, k, o, n); break;
-            case 2: tile_pass<kAsym, L, 2>(w, nb, q, d, c, k, o, n); break;
-            default: tile_pass<kAsym, L, 1>(w, nb, q, d, c, k, o, n); break;
-          }
-        }
-      }
-    }
+  airun::for_each_tile_pass(tiles, m_rows, 4, [&](int64_t t, int64_t m0, auto rows) {
+    const TileBlocks w{qdata + t * (nb / 2) * pair, pair};
+    tile_pass<kAsym, L, decltype(rows)::value>(w, nb, xq.data() + m0 * L * k, unit.data() + m0 * nb,
+                                               cx.data() + m0 * nb, k, out + m0 * n + t * kRows, n);
   });
 }
 

@@ -6,7 +6,7 @@
 // 64-byte load gives, per output row, 4 consecutive weights: a VNNI dot-4 with 4 broadcast activation bytes adds them
 // into that row's int32 lane, 16 rows per instruction. Per-row float32 scales are a separate tensor.
 //
-// With activations in L levels per block (act_quant.h), per block sum_k (q + 128) xq = sum_k q xq + 128 sum_k xq, so
+// With activations in L levels per block (vnni_common.h), per block sum_k (q + 128) xq = sum_k q xq + 128 sum_k xq, so
 // y = scale * sum_b unit_b * (sum_k (q + 128) xq - 128 sum_k xq) = scale * (sum_b unit_b dot_b - 128 sum_b cx_b).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,7 +17,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "act_quant.h"
+#include "vnni_common.h"
 #include "simd.h"
 
 namespace {
@@ -28,8 +28,6 @@ using airun::store16;
 
 constexpr int64_t kRows = 16;
 constexpr int64_t kBlockBytes = kRows * kActBlock;  // one tile-block: 512 bytes, 8 vectors
-constexpr int kMaxRowsPerPass = 8;
-constexpr int64_t kRowChunk = 64;
 constexpr int64_t kPrefetchBlocks = 12;
 
 // sum over one block of (q + 128) * level for 16 rows, against one level's 32 bytes
@@ -79,31 +77,10 @@ void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows,
     for (int64_t b = 0; b < nb; ++b) c += cx[m * nb + b];
     corr[m] = 128.f * c;
   }
-  at::parallel_for(0, tiles, 16, [&](int64_t t0, int64_t t1) {
-    for (int64_t r0 = 0; r0 < m_rows; r0 += kRowChunk) {
-      const int64_t r1 = std::min(m_rows, r0 + kRowChunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        const uint8_t* tile = qdata + t * nb * kBlockBytes;
-        const __m512 scale = _mm512_loadu_ps(scales + t * kRows);
-        for (int64_t m0 = r0; m0 < r1; m0 += kMaxRowsPerPass) {
-          const int64_t mb = std::min<int64_t>(kMaxRowsPerPass, r1 - m0);
-          const int8_t* q = xq.data() + m0 * L * k;
-          const float* d = unit.data() + m0 * nb;
-          const float* c = corr.data() + m0;
-          TO* o = out + m0 * n + t * kRows;
-          switch (mb) {
-            case 8: tile_pass<L, 8>(tile, nb, q, d, c, scale, k, o, n); break;
-            case 7: tile_pass<L, 7>(tile, nb, q, d, c, scale, k, o, n); break;
-            case 6: tile_pass<L, 6>(tile, nb, q, d, c, scale, k, o, n); break;
-            case 5: tile_pass<L, 5>(tile, nb, q, d, c, scale, k, o, n); break;
-            case 4: tile_pass<L, 4>(tile, nb, q, d, c, scale, k, o, n); break;
-            case 3: tile_pass<L, 3>(tile, nb, q, d, c, scale, k, o, n); break;
-            case 2: tile_pass<L, 2>(tile, nb, q, d, c, scale, k, o, n); break;
-            default: tile_pass<L, 1>(tile, nb, q, d, c, scale, k, o, n); break;
-          }
-        }
-      }
-    }
+  airun::for_each_tile_pass(tiles, m_rows, 16, [&](int64_t t, int64_t m0, auto rows) {
+    tile_pass<L, decltype(rows)::value>(qdata + t * nb * kBlockBytes, nb, xq.data() + m0 * L * k,
+                                        unit.data() + m0 * nb, corr.data() + m0, _mm512_loadu_ps(scales + t * kRows),
+                                        k, out + m0 * n + t * kRows, n);
   });
 }
 

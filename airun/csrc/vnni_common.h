@@ -1,10 +1,13 @@
-// Per-block int8 quantization of activations for the VNNI kernels (int4_vnni.cpp, int8_vnni.cpp).
+// What the VNNI kernels (int4_vnni.cpp, int8_vnni.cpp) share: per-block int8 quantization of activations, and the
+// schedule of tiles and activation rows.
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "simd.h"
 
@@ -52,6 +55,35 @@ void quantize_activations(const T* x, int64_t m_rows, int64_t k, int8_t* xq, flo
       }
       unit[m * nb + b] = u;
       cx[m * nb + b] = u * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+  });
+}
+
+constexpr int kMaxRowsPerPass = 8;  // activation rows sharing one load (and unpack) of a weight tile-block
+constexpr int64_t kRowChunk = 64;   // activation rows a thread runs all its tiles over before the next rows
+
+// Tiles [0, tiles) split over the threads, `grain` at least each; per thread, activation rows in chunks of kRowChunk
+// (kept in L2 across the thread's tiles), and each tile in passes of up to kMaxRowsPerPass rows:
+// pass(tile, first row, std::integral_constant<int, MB>{}) with MB the pass's row count, a compile-time constant.
+template <typename Pass>
+void for_each_tile_pass(int64_t tiles, int64_t m_rows, int64_t grain, const Pass& pass) {
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t r0 = 0; r0 < m_rows; r0 += kRowChunk) {
+      const int64_t r1 = std::min(m_rows, r0 + kRowChunk);
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t m0 = r0; m0 < r1; m0 += kMaxRowsPerPass) {
+          switch (std::min<int64_t>(kMaxRowsPerPass, r1 - m0)) {
+            case 8: pass(t, m0, std::integral_constant<int, 8>{}); break;
+            case 7: pass(t, m0, std::integral_constant<int, 7>{}); break;
+            case 6: pass(t, m0, std::integral_constant<int, 6>{}); break;
+            case 5: pass(t, m0, std::integral_constant<int, 5>{}); break;
+            case 4: pass(t, m0, std::integral_constant<int, 4>{}); break;
+            case 3: pass(t, m0, std::integral_constant<int, 3>{}); break;
+            case 2: pass(t, m0, std::integral_constant<int, 2>{}); break;
+            default: pass(t, m0, std::integral_constant<int, 1>{}); break;
+          }
+        }
+      }
     }
   });
 }
