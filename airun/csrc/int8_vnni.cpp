@@ -30,45 +30,60 @@ constexpr int64_t kRows = 16;
 constexpr int64_t kBlockBytes = kRows * kActBlock;  // one tile-block: 512 bytes, 8 vectors
 constexpr int64_t kPrefetchBlocks = 12;
 
-// sum over one block of (q + 128) * level for 16 rows, against one level's 32 bytes
-inline __m512i block_dot(const __m512i w[8], const int32_t* xb) {
-  __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], _mm512_set1_epi32(xb[0]));
-  __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], _mm512_set1_epi32(xb[1]));
-  for (int j = 2; j < 8; j += 2) {
-    s0 = _mm512_dpbusd_epi32(s0, w[j], _mm512_set1_epi32(xb[j]));
-    s1 = _mm512_dpbusd_epi32(s1, w[j + 1], _mm512_set1_epi32(xb[j + 1]));
-  }
-  return _mm512_add_epi32(s0, s1);
-}
-
-template <int L, int MB, typename T>
-inline void tile_pass(const uint8_t* tile, int64_t nb, const int8_t* xq, const float* unit, const float* corr,
-                      __m512 scale, int64_t k, T* out, int64_t n) {
-  __m512 acc[MB];
-  for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+// NT tiles (tile i at `tile + i * tile_bytes`) for MB activation rows: one int32 chain per (level, row, tile) per
+// block, each activation broadcast feeding all NT tiles.
+template <int L, int MB, int NT, typename T>
+inline void tile_pass(const uint8_t* tile, int64_t tile_bytes, int64_t nb, const int8_t* xq, const float* unit,
+                      const float* corr, const float* scales, int64_t k, T* out, int64_t n) {
+  __m512 acc[MB][NT];
+  for (int m = 0; m < MB; ++m)
+    for (int i = 0; i < NT; ++i) acc[m][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = tile + b * kBlockBytes;
-    const char* ahead = reinterpret_cast<const char*>(wb + kPrefetchBlocks * kBlockBytes);
-    for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
-    __m512i w[8];
-    for (int j = 0; j < 8; ++j) w[j] = _mm512_loadu_si512(wb + 64 * j);
-    for (int m = 0; m < MB; ++m) {
-      const int32_t* xb = reinterpret_cast<const int32_t*>(xq + m * L * k + b * L * kActBlock);
-      __m512 dot = _mm512_cvtepi32_ps(block_dot(w, xb));
-      if constexpr (L == 2) {
-        dot = _mm512_fmadd_ps(dot, _mm512_set1_ps(254.f), _mm512_cvtepi32_ps(block_dot(w, xb + kActBlock / 4)));
+    for (int i = 0; i < NT; ++i) {
+      const char* ahead = reinterpret_cast<const char*>(wb + i * tile_bytes + kPrefetchBlocks * kBlockBytes);
+      for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    }
+    __m512i dot[L][MB][NT];
+    for (int l = 0; l < L; ++l)
+      for (int m = 0; m < MB; ++m)
+        for (int i = 0; i < NT; ++i) dot[l][m][i] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      __m512i w[NT];
+      for (int i = 0; i < NT; ++i) w[i] = _mm512_loadu_si512(wb + i * tile_bytes + 64 * j);
+      for (int m = 0; m < MB; ++m) {
+        for (int l = 0; l < L; ++l) {
+          const int32_t* xb = reinterpret_cast<const int32_t*>(xq + m * L * k + (b * L + l) * kActBlock);
+          const __m512i xv = _mm512_set1_epi32(xb[j]);
+          for (int i = 0; i < NT; ++i) dot[l][m][i] = _mm512_dpbusd_epi32(dot[l][m][i], w[i], xv);
+        }
       }
-      acc[m] = _mm512_fmadd_ps(dot, _mm512_set1_ps(unit[m * nb + b]), acc[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      const __m512 d = _mm512_set1_ps(unit[m * nb + b]);
+      for (int i = 0; i < NT; ++i) {
+        __m512 f = _mm512_cvtepi32_ps(dot[0][m][i]);
+        if constexpr (L == 2) f = _mm512_fmadd_ps(f, _mm512_set1_ps(254.f), _mm512_cvtepi32_ps(dot[L - 1][m][i]));
+        acc[m][i] = _mm512_fmadd_ps(f, d, acc[m][i]);
+      }
     }
   }
   for (int m = 0; m < MB; ++m) {
-    store16(out + m * n, _mm512_mul_ps(scale, _mm512_sub_ps(acc[m], _mm512_set1_ps(corr[m]))));
+    for (int i = 0; i < NT; ++i) {
+      const __m512 scale = _mm512_loadu_ps(scales + i * kRows);
+      store16(out + m * n + i * kRows, _mm512_mul_ps(scale, _mm512_sub_ps(acc[m][i], _mm512_set1_ps(corr[m]))));
+    }
   }
 }
 
+// As in int4_vnni.cpp: 4 rows x 3 tiles with one level keep the int32 chains and accumulators in registers.
+template <int L>
+constexpr int kPassRows = L == 1 ? 4 : 2;
+constexpr int kPassTiles = 3;
+
 template <int L, typename T, typename TO>
 void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows, int64_t k, int64_t tiles, TO* out) {
-  const int64_t nb = k / kActBlock, n = tiles * kRows;
+  const int64_t nb = k / kActBlock, n = tiles * kRows, tile_bytes = nb * kBlockBytes;
   std::vector<int8_t> xq(m_rows * L * k);
   std::vector<float> unit(m_rows * nb), cx(m_rows * nb), corr(m_rows);
   quantize_activations<L>(x, m_rows, k, xq.data(), unit.data(), cx.data());
@@ -77,10 +92,12 @@ void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows,
     for (int64_t b = 0; b < nb; ++b) c += cx[m * nb + b];
     corr[m] = 128.f * c;
   }
-  airun::for_each_tile_pass(tiles, m_rows, 16, [&](int64_t t, int64_t m0, auto rows) {
-    tile_pass<L, decltype(rows)::value>(qdata + t * nb * kBlockBytes, nb, xq.data() + m0 * L * k,
-                                        unit.data() + m0 * nb, corr.data() + m0, _mm512_loadu_ps(scales + t * kRows),
-                                        k, out + m0 * n + t * kRows, n);
+  airun::for_each_tile_pass<kPassRows<L>, kPassTiles>(tiles, m_rows, 8, [&](int64_t t, int64_t m0, auto rows,
+                                                                            auto nt) {
+    tile_pass<L, decltype(rows)::value, decltype(nt)::value>(qdata + t * tile_bytes, tile_bytes, nb,
+                                                            xq.data() + m0 * L * k, unit.data() + m0 * nb,
+                                                            corr.data() + m0, scales + t * kRows, k,
+                                                            out + m0 * n + t * kRows, n);
   });
 }
 

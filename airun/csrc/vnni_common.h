@@ -59,30 +59,37 @@ void quantize_activations(const T* x, int64_t m_rows, int64_t k, int8_t* xq, flo
   });
 }
 
-constexpr int kMaxRowsPerPass = 8;  // activation rows sharing one load (and unpack) of a weight tile-block
-constexpr int64_t kRowChunk = 64;   // activation rows a thread runs all its tiles over before the next rows
+constexpr int64_t kRowChunk = 64;  // activation rows a thread runs all its tiles over before the next rows
 
-// Tiles [0, tiles) split over the threads, `grain` at least each; per thread, activation rows in chunks of kRowChunk
-// (kept in L2 across the thread's tiles), and each tile in passes of up to kMaxRowsPerPass rows:
-// pass(tile, first row, std::integral_constant<int, MB>{}) with MB the pass's row count, a compile-time constant.
-template <typename Pass>
+// f(std::integral_constant<int, v>{}) for a runtime v in [1, N].
+template <int N, typename F>
+inline void with_constant(int64_t v, const F& f) {
+  if constexpr (N > 1) {
+    if (v >= N) return f(std::integral_constant<int, N>{});
+    with_constant<N - 1>(v, f);
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Tiles [0, tiles) in groups of up to NT (the last group may be smaller), the groups split over the threads, `grain`
+// groups at least each; per thread, activation rows in chunks of kRowChunk (kept in L2 across the thread's tiles), and
+// each group in passes of up to MaxRows rows. pass(first tile, first row, rows, tiles) gets the pass's row and tile
+// counts as std::integral_constant<int, ...>: one activation broadcast feeds all the group's tiles, one weight load
+// all the pass's rows.
+template <int MaxRows, int NT, typename Pass>
 void for_each_tile_pass(int64_t tiles, int64_t m_rows, int64_t grain, const Pass& pass) {
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+  const int64_t groups = (tiles + NT - 1) / NT;
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t r0 = 0; r0 < m_rows; r0 += kRowChunk) {
       const int64_t r1 = std::min(m_rows, r0 + kRowChunk);
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t m0 = r0; m0 < r1; m0 += kMaxRowsPerPass) {
-          switch (std::min<int64_t>(kMaxRowsPerPass, r1 - m0)) {
-            case 8: pass(t, m0, std::integral_constant<int, 8>{}); break;
-            case 7: pass(t, m0, std::integral_constant<int, 7>{}); break;
-            case 6: pass(t, m0, std::integral_constant<int, 6>{}); break;
-            case 5: pass(t, m0, std::integral_constant<int, 5>{}); break;
-            case 4: pass(t, m0, std::integral_constant<int, 4>{}); break;
-            case 3: pass(t, m0, std::integral_constant<int, 3>{}); break;
-            case 2: pass(t, m0, std::integral_constant<int, 2>{}); break;
-            default: pass(t, m0, std::integral_constant<int, 1>{}); break;
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t t = g * NT;
+        with_constant<NT>(std::min<int64_t>(NT, tiles - t), [&](auto nt) {
+          for (int64_t m0 = r0; m0 < r1; m0 += MaxRows) {
+            with_constant<MaxRows>(std::min<int64_t>(MaxRows, r1 - m0), [&](auto rows) { pass(t, m0, rows, nt); });
           }
-        }
+        });
       }
     }
   });
