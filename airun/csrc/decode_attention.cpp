@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -24,25 +25,40 @@ using airun::store16;
 
 constexpr int64_t kMinParallelMacs = 1 << 18;  // below this much work a step runs on one thread: forking costs more
 
-// Softmax of sc[0, n) in place (float32, max-subtracted).
-inline void softmax(float* sc, int64_t n) {
-  const float mx = *std::max_element(sc, sc + n);
+// exp(sc - max) in place over sc[0, n); returns 1 / their sum (the caller scales the weighted sum of values by it).
+inline float softmax_unnormalized(float* sc, int64_t n) {
+  __m512 mx16 = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t p = 0; p < n; p += 16) {
+    mx16 = _mm512_max_ps(mx16, _mm512_mask_loadu_ps(mx16, airun::tail_mask(n - p), sc + p));
+  }
+  const float mx = _mm512_reduce_max_ps(mx16);
   __m512 sum16 = _mm512_setzero_ps();
-  int64_t p = 0;
-  for (; p + 16 <= n; p += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sc + p), _mm512_set1_ps(mx)));
-    _mm512_storeu_ps(sc + p, e);
-    sum16 = _mm512_add_ps(sum16, e);
+  for (int64_t p = 0; p < n; p += 16) {
+    const __mmask16 m = airun::tail_mask(n - p);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + p), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(sc + p, m, e);
+    sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(m, e));
   }
-  if (p < n) {
-    const __mmask16 tail = airun::tail_mask(n - p);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + p), _mm512_set1_ps(mx)));
-    _mm512_mask_storeu_ps(sc + p, tail, e);
-    sum16 = _mm512_add_ps(sum16, _mm512_maskz_mov_ps(tail, e));
+  return 1.f / _mm512_reduce_add_ps(sum16);
+}
+
+// Lane j of the result is the sum of v[j]'s 16 lanes: a transposing tree of 45 shuffles and adds for 16 vectors, where
+// a horizontal sum of each would take ~8 dependent steps per vector.
+inline __m512 sum_lanes16(const __m512 (&v)[16]) {
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit chunk: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], a = v[2i], b = v[2i + 1]
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
   }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum16));
-  for (p = 0; p + 16 <= n; p += 16) _mm512_storeu_ps(sc + p, _mm512_mul_ps(_mm512_loadu_ps(sc + p), inv));
-  for (; p < n; ++p) sc[p] *= _mm512_cvtss_f32(inv);
+  for (int i = 0; i < 4; ++i) {  // per chunk: that chunk's sums of v[4i], ..., v[4i + 3]
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i) {  // chunks 0 + 1 and 2 + 3 of u[2i], then of u[2i + 1]
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 // One head's key or value row (d elements of T: 32 to 512 bytes) into L2.
@@ -52,8 +68,102 @@ inline void prefetch_row(const T* row) {
   for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(row) + b, _MM_HINT_T1);
 }
 
-// NC = d / 16 vectors per head row: a query and an output accumulator stay in registers.
-template <int NC, typename T>
+// Everything from here to the matching pop may use AVX512-BF16; its instructions are issued only by the kBf16Dot
+// instantiations, which run only where the CPU has the extension (decode_dispatch checks).
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+
+// A query row, and its dot product with a key row as 16 lanes of partial sums. kBf16Dot (bfloat16 rows of 32 or more):
+// bfloat16 pairs through AVX512-BF16's dot product, products exact in float32; otherwise float32 multiply-adds.
+template <int NC, typename T, bool kBf16Dot>
+struct QueryRow {
+  __m512 qv[kBf16Dot ? 1 : NC];
+  __m512i qb[kBf16Dot ? NC / 2 : 1];
+  explicit QueryRow(const T* q) {
+    if constexpr (kBf16Dot) {
+      for (int c = 0; c < NC / 2; ++c) qb[c] = _mm512_loadu_si512(q + 32 * c);
+    } else {
+      for (int c = 0; c < NC; ++c) qv[c] = load16(q + 16 * c);
+    }
+  }
+  __m512 dot(const T* k) const {
+    if constexpr (kBf16Dot) {
+      __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[0], (__m512bh)_mm512_loadu_si512(k));
+      for (int c = 1; c < NC / 2; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)qb[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+      return a;
+    } else {
+      __m512 a = _mm512_mul_ps(qv[0], load16(k));
+      for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(k + 16 * c), a);
+      return a;
+    }
+  }
+};
+
+// Query heads [0, HC) of a work item: out[h] = inv[h] * sum_p sc[h][p] * v[p] (sc rows n apart). Prefetches the rows
+// next_rows[0, next_n) of vc into L2.
+template <int NC, int HC, typename T>
+inline void weighted_values(const T* vc, const int64_t* rows, int64_t n, const float* sc, const float* inv,
+                            const int64_t* next_rows, int64_t next_n, T* out) {
+  __m512 acc[HC][NC];
+  for (int h = 0; h < HC; ++h)
+    for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < n; ++p) {
+    if (p < next_n) prefetch_row<NC>(vc + next_rows[p]);
+    const T* vp = vc + rows[p];
+    __m512 vv[NC];
+    for (int c = 0; c < NC; ++c) vv[c] = load16(vp + 16 * c);
+    for (int h = 0; h < HC; ++h) {
+      const __m512 w = _mm512_set1_ps(sc[h * n + p]);
+      for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_fmadd_ps(w, vv[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < HC; ++h) {
+    const __m512 s = _mm512_set1_ps(inv[h]);
+    for (int c = 0; c < NC; ++c) store16(out + h * NC * 16 + 16 * c, _mm512_mul_ps(acc[h][c], s));
+  }
+}
+
+// One work item: query heads q[0, g) (rows NC * 16 apart) against the keys and values at element offsets rows[0, n) of
+// the caches; scores holds g * n floats. Each key row is read by every head's scores pass (from L1 after the first),
+// each value row once per kHeadsPerPass heads. The next item's rows are prefetched into L2 meanwhile: its keys during
+// the first head's scores, its values during the first pass over values.
+template <int NC, typename T, bool kBf16Dot>
+void attend_item(const T* q, const T* kc, const T* vc, const int64_t* rows, int64_t n, const int64_t* next_rows,
+                 int64_t next_n, int64_t g, float scale, float* scores, T* out) {
+  float inv[64];
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const QueryRow<NC, T, kBf16Dot> qr(q + gi * NC * 16);
+    float* sc = scores + gi * n;
+    const int64_t pf = gi == 0 ? next_n : 0;
+    for (int64_t p0 = 0; p0 < n; p0 += 16) {
+      const int64_t cnt = std::min<int64_t>(16, n - p0);
+      __m512 part[16];
+      for (int j = 0; j < 16; ++j) {
+        if (j < cnt) {
+          if (p0 + j < pf) prefetch_row<NC>(kc + next_rows[p0 + j]);
+          part[j] = qr.dot(kc + rows[p0 + j]);
+        } else {
+          part[j] = _mm512_setzero_ps();
+        }
+      }
+      _mm512_mask_storeu_ps(sc + p0, airun::tail_mask(cnt), _mm512_mul_ps(sum_lanes16(part), _mm512_set1_ps(scale)));
+    }
+    for (int64_t p = n; p < pf; ++p) prefetch_row<NC>(kc + next_rows[p]);
+    inv[gi] = softmax_unnormalized(sc, n);
+  }
+  constexpr int kHeadsPerPass = NC >= 16 ? 1 : 16 / NC;  // HC * NC accumulators stay in registers
+  for (int64_t h0 = 0; h0 < g; h0 += kHeadsPerPass) {
+    const int64_t pf = h0 == 0 ? next_n : 0;
+    airun::with_constant<kHeadsPerPass>(g - h0, [&](auto hc) {
+      weighted_values<NC, decltype(hc)::value>(vc, rows, n, scores + h0 * n, inv + h0, next_rows, pf,
+                                               out + h0 * NC * 16);
+    });
+  }
+  for (int64_t p = n; p < next_n; ++p) prefetch_row<NC>(vc + next_rows[p]);
+}
+
+// NC = d / 16 vectors per head row. Work items are (sequence, KV head) pairs, split over the threads.
+template <int NC, typename T, bool kBf16Dot>
 void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out, int64_t seqs,
             int64_t heads, int64_t kv_heads, int64_t block_size, int64_t max_blocks, float scale) {
   constexpr int64_t d = NC * 16;
@@ -80,40 +190,31 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
       const int64_t next_n = item + 1 < end ? ctx[(item + 1) / kv_heads] : 0;
       if (next_n) fill_rows(item + 1, next_rows);
       scores.resize(g * n);
-      for (int64_t gi = 0; gi < g; ++gi) {
-        const T* src = q + (s * heads + kh * g + gi) * d;
-        __m512 qv[NC];
-        for (int c = 0; c < NC; ++c) qv[c] = _mm512_mul_ps(load16(src + 16 * c), _mm512_set1_ps(scale));
-        float* sc = &scores[gi * n];
-        const bool ahead = gi == 0;  // the first head's passes fetch the next item's rows into L2, one per key
-        for (int64_t p = 0; p < n; ++p) {
-          if (ahead && p < next_n) prefetch_row<NC>(kc + next_rows[p]);
-          const T* kp = kc + rows[p];
-          __m512 a = _mm512_mul_ps(qv[0], load16(kp));
-          for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(kp + 16 * c), a);
-          sc[p] = _mm512_reduce_add_ps(a);
-        }
-        softmax(sc, n);
-        __m512 acc[NC];
-        for (int c = 0; c < NC; ++c) acc[c] = _mm512_setzero_ps();
-        for (int64_t p = 0; p < n; ++p) {
-          if (ahead && p < next_n) prefetch_row<NC>(vc + next_rows[p]);
-          const T* vp = vc + rows[p];
-          const __m512 w = _mm512_set1_ps(sc[p]);
-          for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(w, load16(vp + 16 * c), acc[c]);
-        }
-        if (ahead) {
-          for (int64_t p = n; p < next_n; ++p) {
-            prefetch_row<NC>(kc + next_rows[p]);
-            prefetch_row<NC>(vc + next_rows[p]);
-          }
-        }
-        T* dst = out + (s * heads + kh * g + gi) * d;
-        for (int c = 0; c < NC; ++c) store16(dst + 16 * c, acc[c]);
-      }
+      const int64_t head0 = (s * heads + kh * g) * d;
+      attend_item<NC, T, kBf16Dot>(q + head0, kc, vc, rows.data(), n, next_rows.data(), next_n, g, scale,
+                                   scores.data(), out + head0);
       std::swap(rows, next_rows);
     }
   });
+}
+
+#pragma GCC pop_options
+
+// Whether this CPU runs AVX512-BF16 (checked once).
+bool cpu_has_bf16_dot() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+template <int NC, typename T>
+void decode_any(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out, int64_t seqs,
+                int64_t heads, int64_t kv_heads, int64_t block_size, int64_t max_blocks, float scale) {
+  if constexpr (std::is_same_v<T, at::BFloat16> && NC >= 2) {
+    if (cpu_has_bf16_dot()) {
+      return decode<NC, T, true>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    }
+  }
+  decode<NC, T, false>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
 }
 
 template <typename T>
@@ -121,11 +222,11 @@ void decode_dispatch(const T* q, const T* kc, const T* vc, const int64_t* tables
                      int64_t seqs, int64_t heads, int64_t kv_heads, int64_t d, int64_t block_size, int64_t max_blocks,
                      float scale) {
   switch (d) {
-    case 16: return decode<1>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
-    case 32: return decode<2>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
-    case 64: return decode<4>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
-    case 128: return decode<8>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
-    case 256: return decode<16>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 16: return decode_any<1>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 32: return decode_any<2>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 64: return decode_any<4>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 128: return decode_any<8>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
+    case 256: return decode_any<16>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
     default: TORCH_CHECK(false, "head_dim must be 16, 32, 64, 128 or 256");
   }
 }
@@ -140,6 +241,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t seqs = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == d && heads % kv_heads == 0, "head dims do not match");
+  TORCH_CHECK(heads / kv_heads <= 64, "at most 64 query heads per KV head");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && block_tables.scalar_type() == at::kLong,
               "block_tables must be int64 [D, max_blocks]");
   TORCH_CHECK(ctx_lens.dim() == 1 && ctx_lens.size(0) == seqs && ctx_lens.scalar_type() == at::kLong,

@@ -3,7 +3,21 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <cstdint>
+#include <type_traits>
+
 namespace airun {
+
+// f(std::integral_constant<int, v>{}) for a runtime v in [1, N] (v above N counts as N).
+template <int N, typename F>
+inline void with_constant(int64_t v, const F& f) {
+  if constexpr (N > 1) {
+    if (v >= N) return f(std::integral_constant<int, N>{});
+    with_constant<N - 1>(v, f);
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 

@@ -61,17 +61,6 @@ void quantize_activations(const T* x, int64_t m_rows, int64_t k, int8_t* xq, flo
 
 constexpr int64_t kRowChunk = 64;  // activation rows a thread runs all its tiles over before the next rows
 
-// f(std::integral_constant<int, v>{}) for a runtime v in [1, N].
-template <int N, typename F>
-inline void with_constant(int64_t v, const F& f) {
-  if constexpr (N > 1) {
-    if (v >= N) return f(std::integral_constant<int, N>{});
-    with_constant<N - 1>(v, f);
-  } else {
-    f(std::integral_constant<int, 1>{});
-  }
-}
-
 // Tiles [0, tiles) in groups of up to NT (the last group may be smaller), the groups split over the threads, `grain`
 // groups at least each; per thread, activation rows in chunks of kRowChunk (kept in L2 across the thread's tiles), and
 // each group in passes of up to MaxRows rows. pass(first tile, first row, rows, tiles) gets the pass's row and tile
