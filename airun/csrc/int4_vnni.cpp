@@ -139,13 +139,18 @@ void gemm(const T* x, const uint8_t* qdata, int64_t m_rows, int64_t k, int64_t t
   std::vector<int8_t> xq(m_rows * L * k);
   std::vector<float> unit(m_rows * nb), cx(m_rows * nb);
   quantize_activations<L>(x, m_rows, k, xq.data(), unit.data(), cx.data());
-  airun::for_each_tile_pass<kPassRows<L>, kPassTiles>(tiles, m_rows, 2, [&](int64_t t, int64_t m0, auto rows,
-                                                                            auto nt) {
-    const TileBlocks w{qdata + t * tile_bytes, pair};
-    tile_pass<kAsym, L, decltype(rows)::value, decltype(nt)::value>(
-        w, tile_bytes, nb, xq.data() + m0 * L * k, unit.data() + m0 * nb, cx.data() + m0 * nb, k,
-        out + m0 * n + t * kRows, n, m0 % airun::kRowChunk == 0);
-  });
+  auto run = [&](auto max_tiles) {
+    airun::for_each_tile_pass<kPassRows<L>, decltype(max_tiles)::value>(
+        tiles, m_rows, 2, [&](int64_t t, int64_t m0, auto rows, auto nt) {
+          const TileBlocks w{qdata + t * tile_bytes, pair};
+          tile_pass<kAsym, L, decltype(rows)::value, decltype(nt)::value>(
+              w, tile_bytes, nb, xq.data() + m0 * L * k, unit.data() + m0 * nb, cx.data() + m0 * nb, k,
+              out + m0 * n + t * kRows, n, m0 % airun::kRowChunk == 0);
+        });
+  };
+  // One or two rows are bound by DRAM: one weight stream per pass reads ~9% faster there (7B shapes)
+  if (m_rows <= 2) run(std::integral_constant<int, 1>{});
+  else run(std::integral_constant<int, kPassTiles>{});
 }
 
 void check_weight(const at::Tensor& qdata, bool asym) {

@@ -92,13 +92,16 @@ void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows,
     for (int64_t b = 0; b < nb; ++b) c += cx[m * nb + b];
     corr[m] = 128.f * c;
   }
-  airun::for_each_tile_pass<kPassRows<L>, kPassTiles>(tiles, m_rows, 8, [&](int64_t t, int64_t m0, auto rows,
-                                                                            auto nt) {
-    tile_pass<L, decltype(rows)::value, decltype(nt)::value>(qdata + t * tile_bytes, tile_bytes, nb,
-                                                            xq.data() + m0 * L * k, unit.data() + m0 * nb,
-                                                            corr.data() + m0, scales + t * kRows, k,
-                                                            out + m0 * n + t * kRows, n);
-  });
+  auto run = [&](auto max_tiles) {
+    airun::for_each_tile_pass<kPassRows<L>, decltype(max_tiles)::value>(
+        tiles, m_rows, 8, [&](int64_t t, int64_t m0, auto rows, auto nt) {
+          tile_pass<L, decltype(rows)::value, decltype(nt)::value>(
+              qdata + t * tile_bytes, tile_bytes, nb, xq.data() + m0 * L * k, unit.data() + m0 * nb,
+              corr.data() + m0, scales + t * kRows, k, out + m0 * n + t * kRows, n);
+        });
+  };
+  if (m_rows <= 2) run(std::integral_constant<int, 1>{});  // bound by DRAM: one weight stream per pass, as int4
+  else run(std::integral_constant<int, kPassTiles>{});
 }
 
 template <typename T, typename TO>
