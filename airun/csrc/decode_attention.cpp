@@ -89,7 +89,9 @@ struct QueryRow {
   __m512 dot(const T* k) const {
     if constexpr (kBf16Dot) {
       __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)qb[0], (__m512bh)_mm512_loadu_si512(k));
-      for (int c = 1; c < NC / 2; ++c) a = _mm512_dpbf16_ps(a, (__m512bh)qb[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+      for (int c = 1; c < NC / 2; ++c) {
+        a = _mm512_dpbf16_ps(a, (__m512bh)qb[c], (__m512bh)_mm512_loadu_si512(k + 32 * c));
+      }
       return a;
     } else {
       __m512 a = _mm512_mul_ps(qv[0], load16(k));

@@ -52,25 +52,26 @@ struct TileBlocks {
 };
 constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
 
+
 // Accumulates NT tiles (16 output rows each; tile i at w.base + i * tile_bytes) for MB activation rows over all nb
 // blocks into acc[m][i]. Per block, one int32 chain per (level, row, tile) sums code * x-level over the block's 32
 // inputs (exact: |sum| < 2^24); the float rescale then runs in the same order as ggml's dot products.
 template <bool kAsym, int L, int MB, int NT>
 inline void tile_dot(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t* xq, const float* unit, const float* cx,
-                     int64_t k, __m512 (&acc)[MB][NT], bool prefetch) {
+                     int64_t k, __m512 (&acc)[MB][NT], const airun::Prefetch& pf) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   for (int m = 0; m < MB; ++m)
     for (int i = 0; i < NT; ++i) acc[m][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w.codes(b);
-    // The hardware prefetcher alone leaves DRAM bandwidth unused on these streams: run ahead of it, on the first row
-    // pass over the tiles only (later passes find them in L1/L2).
-    if (prefetch && (b & 1) == 0) {
+    // The hardware prefetcher alone leaves DRAM bandwidth unused on these streams: run ahead of it (vnni_common.h).
+    if (pf.ahead && (b & 1) == 0) {
       for (int i = 0; i < NT; ++i) {
         const char* ahead = reinterpret_cast<const char*>(w.base + i * tile_bytes + (b / 2 + kPrefetchPairs) * w.pair);
         for (int64_t line = 0; line < w.pair; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
       }
     }
+    pf.next_share(b);
     __m512i dot[L][MB][NT];
     for (int l = 0; l < L; ++l)
       for (int m = 0; m < MB; ++m)
@@ -118,9 +119,9 @@ inline void tile_dot(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t*
 
 template <bool kAsym, int L, int MB, int NT, typename T>
 inline void tile_pass(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t* xq, const float* unit,
-                      const float* cx, int64_t k, T* out, int64_t n, bool prefetch) {
+                      const float* cx, int64_t k, T* out, int64_t n, const airun::Prefetch& pf) {
   __m512 acc[MB][NT];
-  tile_dot<kAsym, L, MB, NT>(w, tile_bytes, nb, xq, unit, cx, k, acc, prefetch);
+  tile_dot<kAsym, L, MB, NT>(w, tile_bytes, nb, xq, unit, cx, k, acc, pf);
   for (int m = 0; m < MB; ++m)
     for (int i = 0; i < NT; ++i) store16(out + m * n + i * kRows, acc[m][i]);
 }
@@ -142,10 +143,12 @@ void gemm(const T* x, const uint8_t* qdata, int64_t m_rows, int64_t k, int64_t t
   auto run = [&](auto max_tiles) {
     airun::for_each_tile_pass<kPassRows<L>, decltype(max_tiles)::value>(
         tiles, m_rows, 2, [&](int64_t t, int64_t m0, auto rows, auto nt) {
+          const airun::Prefetch pf = airun::plan_prefetch<kPassRows<L>, decltype(max_tiles)::value>(
+              qdata, tile_bytes, tiles, t, decltype(nt)::value, m0, m_rows, nb);
           const TileBlocks w{qdata + t * tile_bytes, pair};
           tile_pass<kAsym, L, decltype(rows)::value, decltype(nt)::value>(
               w, tile_bytes, nb, xq.data() + m0 * L * k, unit.data() + m0 * nb, cx.data() + m0 * nb, k,
-              out + m0 * n + t * kRows, n, m0 % airun::kRowChunk == 0);
+              out + m0 * n + t * kRows, n, pf);
         });
   };
   // One or two rows are bound by DRAM: one weight stream per pass reads ~9% faster there (7B shapes)

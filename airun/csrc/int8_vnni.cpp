@@ -34,16 +34,18 @@ constexpr int64_t kPrefetchBlocks = 12;
 // block, each activation broadcast feeding all NT tiles.
 template <int L, int MB, int NT, typename T>
 inline void tile_pass(const uint8_t* tile, int64_t tile_bytes, int64_t nb, const int8_t* xq, const float* unit,
-                      const float* corr, const float* scales, int64_t k, T* out, int64_t n) {
+                      const float* corr, const float* scales, int64_t k, T* out, int64_t n,
+                      const airun::Prefetch& pf) {
   __m512 acc[MB][NT];
   for (int m = 0; m < MB; ++m)
     for (int i = 0; i < NT; ++i) acc[m][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = tile + b * kBlockBytes;
-    for (int i = 0; i < NT; ++i) {
+    for (int i = 0; pf.ahead && i < NT; ++i) {  // see vnni_common.h
       const char* ahead = reinterpret_cast<const char*>(wb + i * tile_bytes + kPrefetchBlocks * kBlockBytes);
       for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     }
+    pf.next_share(b);
     __m512i dot[L][MB][NT];
     for (int l = 0; l < L; ++l)
       for (int m = 0; m < MB; ++m)
@@ -95,9 +97,11 @@ void gemm(const T* x, const uint8_t* qdata, const float* scales, int64_t m_rows,
   auto run = [&](auto max_tiles) {
     airun::for_each_tile_pass<kPassRows<L>, decltype(max_tiles)::value>(
         tiles, m_rows, 8, [&](int64_t t, int64_t m0, auto rows, auto nt) {
+          const airun::Prefetch pf = airun::plan_prefetch<kPassRows<L>, decltype(max_tiles)::value>(
+              qdata, tile_bytes, tiles, t, decltype(nt)::value, m0, m_rows, nb);
           tile_pass<L, decltype(rows)::value, decltype(nt)::value>(
               qdata + t * tile_bytes, tile_bytes, nb, xq.data() + m0 * L * k, unit.data() + m0 * nb,
-              corr.data() + m0, scales + t * kRows, k, out + m0 * n + t * kRows, n);
+              corr.data() + m0, scales + t * kRows, k, out + m0 * n + t * kRows, n, pf);
         });
   };
   if (m_rows <= 2) run(std::integral_constant<int, 1>{});  // bound by DRAM: one weight stream per pass, as int4

@@ -59,7 +59,45 @@ void quantize_activations(const T* x, int64_t m_rows, int64_t k, int8_t* xq, flo
   });
 }
 
-constexpr int64_t kRowChunk = 64;  // activation rows a thread runs all its tiles over before the next rows
+constexpr int64_t kRowChunk = 64;
+
+// What a pass over a group of tiles prefetches. The first row pass over the group runs ahead in each tile's own stream
+// into L1 (`ahead`); with more passes to come, every pass also fetches its share of the next group into L2, spread over
+// its blocks, so that the first pass over that group finds the weights in L2 instead of waiting on DRAM. At 8 to 32
+// rows this made the demo's projections ~12-20% faster with each layer's weights coming from DRAM.
+struct Prefetch {
+  bool ahead = false;
+  const uint8_t* next = nullptr;  // this pass's share of the next group: [next, next + bytes)
+  int64_t bytes = 0;
+  int64_t per_block = 0;  // bytes of it per block of the pass, a whole number of cache lines
+  void next_share(int64_t b) const {
+    for (int64_t off = b * per_block, end = std::min(bytes, off + per_block); off < end; off += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + off), _MM_HINT_T1);
+    }
+  }
+};
+
+// The plan for the pass over tiles [t, t + nt) (of `tiles`, each tile_bytes long and contiguous, in groups of up to
+// MaxTiles) and rows [m0, m0 + MaxRows) of m_rows, with nb blocks per tile (for_each_tile_pass's schedule). The
+// divisions are by compile-time constants where they can be, and it is inlined: a pass of a few rows is short (out of
+// line, the plan cost ~4% of the demo's projections at 32 rows).
+template <int64_t MaxRows, int64_t MaxTiles>
+__attribute__((always_inline)) inline Prefetch plan_prefetch(const uint8_t* qdata, int64_t tile_bytes, int64_t tiles,
+                                                             int64_t t, int64_t nt, int64_t m0, int64_t m_rows,
+                                                             int64_t nb) {
+  constexpr int64_t max_rows = MaxRows, max_tiles = MaxTiles;
+  const int64_t r0 = m0 / kRowChunk * kRowChunk;
+  const int64_t passes = (std::min(kRowChunk, m_rows - r0) + max_rows - 1) / max_rows, pass = (m0 - r0) / max_rows;
+  Prefetch pf;
+  pf.ahead = m0 == r0;
+  if (passes > 1 && t + nt < tiles) {
+    const int64_t group = std::min(max_tiles, tiles - t - nt) * tile_bytes, share = (group + passes - 1) / passes;
+    pf.next = qdata + (t + nt) * tile_bytes + pass * share;
+    pf.bytes = std::max<int64_t>(0, std::min(share, group - pass * share));
+    pf.per_block = ((pf.bytes + nb - 1) / nb + 63) / 64 * 64;
+  }
+  return pf;
+}  // activation rows a thread runs all its tiles over before the next rows
 
 // Tiles [0, tiles) in groups of up to NT (the last group may be smaller), the groups split over the threads, `grain`
 // groups at least each; per thread, activation rows in chunks of kRowChunk (kept in L2 across the thread's tiles), and
