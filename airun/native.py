@@ -5,7 +5,8 @@ They are compiled on first use with PyTorch's C++ extension builder (a C++ compi
 ``<airun cache>/torch_extensions/native_<hash>``, keyed by the sources, flags and PyTorch version, so a changed source
 rebuilds and an unchanged one loads in well under a second. They need an x86 CPU with AVX-512 (F, BW, VL) and VNNI.
 Where that is missing, the build fails, or ``AIRUN_NATIVE_KERNELS=0``, :func:`available` is False and every layer
-runs its PyTorch path instead: same results within each kernel's documented error, slower.
+runs its PyTorch path instead: same results within each kernel's documented error, slower. Decode attention uses
+AVX512-BF16 dot products for bfloat16 caches where the CPU has them (``AIRUN_BF16_DOT=0`` turns that off).
 """
 
 from __future__ import annotations

@@ -233,6 +233,17 @@ def test_decode_attention_matches_masked_softmax_attention(dtype: torch.dtype, h
         torch.ops.airun_attn.decode(q, kc, vc, tables, ctx + nb * bs, 0.125)
 
 
+def test_decode_attention_without_avx512_bf16() -> None:
+    """CPUs without AVX512-BF16 attend over bfloat16 caches with float32 multiply-adds; ``AIRUN_BF16_DOT=0`` makes this
+    one take that path, and the bfloat16 cases above must hold there too."""
+    env = dict(os.environ, AIRUN_BF16_DOT="0", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "dtype1",  # bfloat16
+           "tests/test_native_kernels.py::test_decode_attention_matches_masked_softmax_attention"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "6 passed" in proc.stdout
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norms_equal_the_pytorch_code(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(5)

@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -69,7 +71,7 @@ inline void prefetch_row(const T* row) {
 }
 
 // Everything from here to the matching pop may use AVX512-BF16; its instructions are issued only by the kBf16Dot
-// instantiations, which run only where the CPU has the extension (decode_dispatch checks).
+// instantiations, which run only where the CPU has the extension (use_bf16_dot checks).
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
 
@@ -126,13 +128,12 @@ inline void weighted_values(const T* vc, const int64_t* rows, int64_t n, const f
 }
 
 // One work item: query heads q[0, g) (rows NC * 16 apart) against the keys and values at element offsets rows[0, n) of
-// the caches; scores holds g * n floats. Each key row is read by every head's scores pass (from L1 after the first),
-// each value row once per kHeadsPerPass heads. The next item's rows are prefetched into L2 meanwhile: its keys during
-// the first head's scores, its values during the first pass over values.
+// the caches; scores holds g * n floats, inv g. Each key row is read by every head's scores pass (from L1 after the
+// first), each value row once per kHeadsPerPass heads. The next item's rows are prefetched into L2 meanwhile: its keys
+// during the first head's scores, its values during the first pass over values.
 template <int NC, typename T, bool kBf16Dot>
 void attend_item(const T* q, const T* kc, const T* vc, const int64_t* rows, int64_t n, const int64_t* next_rows,
-                 int64_t next_n, int64_t g, float scale, float* scores, T* out) {
-  float inv[64];
+                 int64_t next_n, int64_t g, float scale, float* scores, float* inv, T* out) {
   for (int64_t gi = 0; gi < g; ++gi) {
     const QueryRow<NC, T, kBf16Dot> qr(q + gi * NC * 16);
     float* sc = scores + gi * n;
@@ -174,7 +175,7 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
   for (int64_t s = 0; s < seqs; ++s) keys += ctx[s];
   const int64_t grain = keys * heads * d < kMinParallelMacs ? items : 1;
   at::parallel_for(0, items, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, inv(g);
     // element offsets of each key position's row for this item and for the next (prefetched while this one runs)
     std::vector<int64_t> rows, next_rows;
     auto fill_rows = [&](int64_t item, std::vector<int64_t>& r) {
@@ -194,7 +195,7 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
       scores.resize(g * n);
       const int64_t head0 = (s * heads + kh * g) * d;
       attend_item<NC, T, kBf16Dot>(q + head0, kc, vc, rows.data(), n, next_rows.data(), next_n, g, scale,
-                                   scores.data(), out + head0);
+                                   scores.data(), inv.data(), out + head0);
       std::swap(rows, next_rows);
     }
   });
@@ -202,17 +203,21 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
 
 #pragma GCC pop_options
 
-// Whether this CPU runs AVX512-BF16 (checked once).
-bool cpu_has_bf16_dot() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
+// Whether to use AVX512-BF16: the CPU has it, and AIRUN_BF16_DOT is not "0" (which runs the float32 path that CPUs
+// without it take, for tests). Checked once per process.
+bool use_bf16_dot() {
+  static const bool use = [] {
+    const char* env = std::getenv("AIRUN_BF16_DOT");
+    return __builtin_cpu_supports("avx512bf16") && !(env && std::string(env) == "0");
+  }();
+  return use;
 }
 
 template <int NC, typename T>
 void decode_any(const T* q, const T* kc, const T* vc, const int64_t* tables, const int64_t* ctx, T* out, int64_t seqs,
                 int64_t heads, int64_t kv_heads, int64_t block_size, int64_t max_blocks, float scale) {
   if constexpr (std::is_same_v<T, at::BFloat16> && NC >= 2) {
-    if (cpu_has_bf16_dot()) {
+    if (use_bf16_dot()) {
       return decode<NC, T, true>(q, kc, vc, tables, ctx, out, seqs, heads, kv_heads, block_size, max_blocks, scale);
     }
   }
@@ -243,7 +248,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t seqs = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == d && heads % kv_heads == 0, "head dims do not match");
-  TORCH_CHECK(heads / kv_heads <= 64, "at most 64 query heads per KV head");
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == seqs && block_tables.scalar_type() == at::kLong,
               "block_tables must be int64 [D, max_blocks]");
   TORCH_CHECK(ctx_lens.dim() == 1 && ctx_lens.size(0) == seqs && ctx_lens.scalar_type() == at::kLong,

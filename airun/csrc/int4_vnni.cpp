@@ -52,7 +52,6 @@ struct TileBlocks {
 };
 constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
 
-
 // Accumulates NT tiles (16 output rows each; tile i at w.base + i * tile_bytes) for MB activation rows over all nb
 // blocks into acc[m][i]. Per block, one int32 chain per (level, row, tile) sums code * x-level over the block's 32
 // inputs (exact: |sum| < 2^24); the float rescale then runs in the same order as ggml's dot products.
@@ -127,9 +126,10 @@ inline void tile_pass(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t
 }
 
 // A pass: 4 rows x 3 tiles with one level keep 12 int32 chains (VNNI has a 4-cycle latency and issues 2 a cycle) and 12
-// accumulators in registers; each activation broadcast feeds 3 tiles, each weight load 4 rows. On Zen 5 this (and 5 x
-// 3) ran a model's projections at 32 rows ~10% faster than 6 x 2 or 5 x 2 and ~15% faster than 4 x 2 or 8 x 1; the
-// loop then runs within ~5% of the VNNI/FMA port bound when its data is in L1. Two levels need twice the chains.
+// accumulators in registers; each activation broadcast feeds 3 tiles, each weight load 4 rows. On Zen 5, timed in one
+// process with alternating builds on the demo's projections at 32 rows, it ran within ~2% of 5 x 3, 5 x 2 and 6 x 2
+// and ~10% faster than 4 x 2 and 8 x 1; the loop runs within ~5% of the VNNI/FMA port bound when its data is in L1.
+// Two levels need twice the chains.
 template <int L>
 constexpr int kPassRows = L == 1 ? 4 : 2;
 constexpr int kPassTiles = 3;

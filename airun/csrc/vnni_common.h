@@ -59,7 +59,7 @@ void quantize_activations(const T* x, int64_t m_rows, int64_t k, int8_t* xq, flo
   });
 }
 
-constexpr int64_t kRowChunk = 64;
+constexpr int64_t kRowChunk = 64;  // activation rows a thread runs all its tiles over before the next rows
 
 // What a pass over a group of tiles prefetches. The first row pass over the group runs ahead in each tile's own stream
 // into L1 (`ahead`); with more passes to come, every pass also fetches its share of the next group into L2, spread over
@@ -97,7 +97,7 @@ __attribute__((always_inline)) inline Prefetch plan_prefetch(const uint8_t* qdat
     pf.per_block = ((pf.bytes + nb - 1) / nb + 63) / 64 * 64;
   }
   return pf;
-}  // activation rows a thread runs all its tiles over before the next rows
+}
 
 // Tiles [0, tiles) in groups of up to NT (the last group may be smaller), the groups split over the threads, `grain`
 // groups at least each; per thread, activation rows in chunks of kRowChunk (kept in L2 across the thread's tiles), and
