@@ -44,23 +44,9 @@ inline float softmax_unnormalized(float* sc, int64_t n) {
   return 1.f / _mm512_reduce_add_ps(sum16);
 }
 
-// Lane j of the result is the sum of v[j]'s 16 lanes: a transposing tree of 45 shuffles and adds for 16 vectors, where
-// a horizontal sum of each would take ~8 dependent steps per vector.
+// Lane j of the result is the sum of v[j]'s 16 lanes.
 inline __m512 sum_lanes16(const __m512 (&v)[16]) {
-  __m512 t[8], u[4], w[2];
-  for (int i = 0; i < 8; ++i) {  // per 128-bit chunk: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], a = v[2i], b = v[2i + 1]
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  }
-  for (int i = 0; i < 4; ++i) {  // per chunk: that chunk's sums of v[4i], ..., v[4i + 3]
-    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-  }
-  for (int i = 0; i < 2; ++i) {  // chunks 0 + 1 and 2 + 3 of u[2i], then of u[2i + 1]
-    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return airun::combine_lanes16(v, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
 }
 
 // One head's key or value row (d elements of T: 32 to 512 bytes) into L2.
