@@ -57,9 +57,14 @@ inline void prefetch_row(const T* row) {
 }
 
 // Everything from here to the matching pop may use AVX512-BF16; its instructions are issued only by the kBf16Dot
-// instantiations, which run only where the CPU has the extension (use_bf16_dot checks).
+// instantiations, which run only where the CPU has the extension (use_bf16_dot checks). GCC builds this; the clang
+// form is written to the same effect but has not been built here.
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512bf16"))), apply_to = any(function))
+#else
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
+#endif
 
 // A query row, and its dot product with a key row as 16 lanes of partial sums. kBf16Dot (bfloat16 rows of 32 or more):
 // bfloat16 pairs through AVX512-BF16's dot product, products exact in float32; otherwise float32 multiply-adds.
@@ -187,7 +192,11 @@ void decode(const T* q, const T* kc, const T* vc, const int64_t* tables, const i
   });
 }
 
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
 // Whether to use AVX512-BF16: the CPU has it, and AIRUN_BF16_DOT is not "0" (which runs the float32 path that CPUs
 // without it take, for tests). Checked once per process.
