@@ -99,9 +99,7 @@ struct QueryRow {
 template <int NC, int HC, typename T>
 inline void weighted_values(const T* vc, const int64_t* rows, int64_t n, const float* sc, const float* inv,
                             const int64_t* next_rows, int64_t next_n, T* out) {
-  __m512 acc[HC][NC];
-  for (int h = 0; h < HC; ++h)
-    for (int c = 0; c < NC; ++c) acc[h][c] = _mm512_setzero_ps();
+  __m512 acc[HC][NC] = {};
   for (int64_t p = 0; p < n; ++p) {
     if (p < next_n) prefetch_row<NC>(vc + next_rows[p]);
     const T* vp = vc + rows[p];

@@ -52,15 +52,13 @@ struct TileBlocks {
 };
 constexpr int64_t kPrefetchPairs = 12;  // ~7 KiB ahead; 6..48 measured within noise of each other on 7B shapes
 
-// Accumulates NT tiles (16 output rows each; tile i at w.base + i * tile_bytes) for MB activation rows over all nb
-// blocks into acc[m][i]. Per block, one int32 chain per (level, row, tile) sums code * x-level over the block's 32
+// Adds NT tiles (16 output rows each; tile i at w.base + i * tile_bytes) for MB activation rows over all nb blocks into
+// acc[m][i]. Per block, one int32 chain per (level, row, tile) sums code * x-level over the block's 32
 // inputs (exact: |sum| < 2^24); the float rescale then runs in the same order as ggml's dot products.
 template <bool kAsym, int L, int MB, int NT>
 inline void tile_dot(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t* xq, const float* unit, const float* cx,
                      int64_t k, __m512 (&acc)[MB][NT], const airun::Prefetch& pf) {
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  for (int m = 0; m < MB; ++m)
-    for (int i = 0; i < NT; ++i) acc[m][i] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = w.codes(b);
     // The hardware prefetcher alone leaves DRAM bandwidth unused on these streams: run ahead of it (vnni_common.h).
@@ -71,10 +69,7 @@ inline void tile_dot(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t*
       }
     }
     pf.next_share(b);
-    __m512i dot[L][MB][NT];
-    for (int l = 0; l < L; ++l)
-      for (int m = 0; m < MB; ++m)
-        for (int i = 0; i < NT; ++i) dot[l][m][i] = _mm512_setzero_si512();
+    __m512i dot[L][MB][NT] = {};  // per block: the int32 chains start at 0
     for (int j = 0; j < 4; ++j) {
       __m512i lo[NT], hi[NT];
       for (int i = 0; i < NT; ++i) {
@@ -119,7 +114,7 @@ inline void tile_dot(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t*
 template <bool kAsym, int L, int MB, int NT, typename T>
 inline void tile_pass(TileBlocks w, int64_t tile_bytes, int64_t nb, const int8_t* xq, const float* unit,
                       const float* cx, int64_t k, T* out, int64_t n, const airun::Prefetch& pf) {
-  __m512 acc[MB][NT];
+  __m512 acc[MB][NT] = {};
   tile_dot<kAsym, L, MB, NT>(w, tile_bytes, nb, xq, unit, cx, k, acc, pf);
   for (int m = 0; m < MB; ++m)
     for (int i = 0; i < NT; ++i) store16(out + m * n + i * kRows, acc[m][i]);

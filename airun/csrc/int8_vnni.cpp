@@ -36,9 +36,7 @@ template <int L, int MB, int NT, typename T>
 inline void tile_pass(const uint8_t* tile, int64_t tile_bytes, int64_t nb, const int8_t* xq, const float* unit,
                       const float* corr, const float* scales, int64_t k, T* out, int64_t n,
                       const airun::Prefetch& pf) {
-  __m512 acc[MB][NT];
-  for (int m = 0; m < MB; ++m)
-    for (int i = 0; i < NT; ++i) acc[m][i] = _mm512_setzero_ps();
+  __m512 acc[MB][NT] = {};
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* wb = tile + b * kBlockBytes;
     for (int i = 0; pf.ahead && i < NT; ++i) {  // see vnni_common.h
@@ -46,10 +44,7 @@ inline void tile_pass(const uint8_t* tile, int64_t tile_bytes, int64_t nb, const
       for (int64_t line = 0; line < kBlockBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     }
     pf.next_share(b);
-    __m512i dot[L][MB][NT];
-    for (int l = 0; l < L; ++l)
-      for (int m = 0; m < MB; ++m)
-        for (int i = 0; i < NT; ++i) dot[l][m][i] = _mm512_setzero_si512();
+    __m512i dot[L][MB][NT] = {};  // per block: the int32 chains start at 0
     for (int j = 0; j < 8; ++j) {
       __m512i w[NT];
       for (int i = 0; i < NT; ++i) w[i] = _mm512_loadu_si512(wb + i * tile_bytes + 64 * j);
